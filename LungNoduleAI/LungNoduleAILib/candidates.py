@@ -1,0 +1,181 @@
+"""From a probability map to ranked nodule candidates with measurements."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import lps_to_ras
+
+__all__ = ["Candidate", "extract_candidates", "measure_candidates", "longest_axial_diameter_mm"]
+
+
+@dataclass
+class Candidate:
+    """One nodule candidate.
+
+    Attributes:
+        id: label value in the candidates labelmap (= rank).
+        rank: 1 = most probable.
+        probability: maximum probability inside the candidate (0-1).
+        probability_mean: mean probability inside the candidate (0-1).
+        center_lps_mm: centroid in world LPS mm ``[x, y, z]``.
+        center_ras_mm: centroid in world RAS mm ``[x, y, z]`` (Slicer).
+        center_ijk: centroid as continuous voxel index ``[i, j, k]`` of the CT.
+        bbox_ijk: voxel bounding box ``[i0, j0, k0, i1, j1, k1]`` (inclusive) on the CT grid.
+        volume_mm3: volume (mm³).
+        diameter_mm: equivalent-sphere diameter ``(6 V / pi)^(1/3)`` (mm).
+        longest_axial_diameter_mm: longest in-plane diameter over the CT's slices (mm).
+        mean_hu: mean CT value inside the candidate (HU).
+        voxels: number of CT voxels.
+    """
+
+    id: int
+    rank: int
+    probability: float
+    probability_mean: float
+    center_lps_mm: list
+    center_ras_mm: list
+    center_ijk: list
+    bbox_ijk: list
+    volume_mm3: float
+    diameter_mm: float
+    longest_axial_diameter_mm: float
+    mean_hu: float
+    voxels: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def longest_axial_diameter_mm(mask_zyx: np.ndarray, spacing_xy_mm: Sequence[float]) -> float:
+    """Longest distance between two voxel centres of the same slice (mm), over all slices.
+
+    Voxel extent is accounted for by measuring between outer voxel corners of
+    the extreme voxels along the found direction (adds one voxel width).
+
+    Args:
+        mask_zyx: binary mask ``(z, y, x)``.
+        spacing_xy_mm: in-plane spacing ``(x, y)`` mm.
+    """
+    sx, sy = float(spacing_xy_mm[0]), float(spacing_xy_mm[1])
+    best = 0.0
+    for z in np.flatnonzero(mask_zyx.any(axis=(1, 2))):
+        sl = mask_zyx[z]
+        # boundary pixels only: the farthest pair lies on the boundary
+        inner = np.zeros_like(sl)
+        inner[1:-1, 1:-1] = sl[1:-1, 1:-1] & sl[:-2, 1:-1] & sl[2:, 1:-1] & sl[1:-1, :-2] & sl[1:-1, 2:]
+        pts = np.argwhere(sl & ~inner).astype(np.float64)
+        if len(pts) > 400:
+            pts = pts[:: int(math.ceil(len(pts) / 400))]
+        xy = np.stack([pts[:, 1] * sx, pts[:, 0] * sy], axis=1)
+        d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
+        i, j = np.unravel_index(np.argmax(d), d.shape)
+        vec = xy[j] - xy[i]
+        norm = float(np.linalg.norm(vec))
+        if norm == 0:
+            extent = min(sx, sy)
+        else:
+            u = np.abs(vec / norm)
+            extent = norm + u[0] * sx + u[1] * sy
+        best = max(best, extent)
+    return float(best)
+
+
+def measure_candidates(labelmap: sitk.Image, ct_hu: sitk.Image, probability: sitk.Image | None = None) -> list[Candidate]:
+    """Measure every label of ``labelmap`` (on the CT grid).
+
+    Args:
+        labelmap: integer image, label i = candidate i, same grid as ``ct_hu``.
+        ct_hu: CT in HU.
+        probability: float probabilities on the same grid (optional: without
+            it the probabilities are reported as 0).
+
+    Returns:
+        Candidates in label order (``id`` = label, ``rank`` = label).
+    """
+    lab = sitk.Cast(labelmap, sitk.sitkUInt32)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(lab)
+    hu = sitk.LabelStatisticsImageFilter()
+    hu.Execute(ct_hu, lab)
+    pstats = None
+    if probability is not None:
+        pstats = sitk.LabelStatisticsImageFilter()
+        pstats.Execute(probability, lab)
+    voxel_mm3 = float(np.prod(ct_hu.GetSpacing()))
+    lab_arr = sitk.GetArrayViewFromImage(lab)
+    out = []
+    for lbl in shape.GetLabels():
+        n = int(shape.GetNumberOfPixels(lbl))
+        x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
+        centre_lps = list(shape.GetCentroid(lbl))
+        crop = np.asarray(lab_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx]) == lbl
+        vol = n * voxel_mm3
+        out.append(
+            Candidate(
+                id=int(lbl),
+                rank=int(lbl),
+                probability=float(pstats.GetMaximum(lbl)) if pstats else 0.0,
+                probability_mean=float(pstats.GetMean(lbl)) if pstats else 0.0,
+                center_lps_mm=[round(v, 3) for v in centre_lps],
+                center_ras_mm=[round(v, 3) for v in lps_to_ras(centre_lps)],
+                center_ijk=[round(v, 3) for v in ct_hu.TransformPhysicalPointToContinuousIndex(centre_lps)],
+                bbox_ijk=[x0, y0, z0, x0 + sx - 1, y0 + sy - 1, z0 + sz - 1],
+                volume_mm3=round(vol, 3),
+                diameter_mm=round((6.0 * vol / math.pi) ** (1.0 / 3.0), 3),
+                longest_axial_diameter_mm=round(longest_axial_diameter_mm(crop, ct_hu.GetSpacing()[:2]), 3),
+                mean_hu=round(float(hu.GetMean(lbl)), 1),
+                voxels=n,
+            )
+        )
+    return out
+
+
+def extract_candidates(
+    probability: sitk.Image,
+    ct_hu: sitk.Image,
+    threshold: float,
+    min_volume_mm3: float = 0.0,
+    max_candidates: int = 200,
+) -> tuple[sitk.Image, list[Candidate]]:
+    """Threshold, split into 3-D connected components and rank them.
+
+    Args:
+        probability: float probabilities (0-1) on the CT grid.
+        ct_hu: CT in HU (for mean HU and geometry).
+        threshold: probability threshold (0-1).
+        min_volume_mm3: components smaller than this are dropped.
+        max_candidates: keep at most this many (the most probable).
+
+    Returns:
+        ``(labelmap, candidates)``: uint16 labelmap on the CT grid with label
+        i = candidate of rank i, and the candidates sorted by maximum
+        probability (highest first).
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
+    binary = sitk.BinaryThreshold(probability, float(threshold), 1e9, 1, 0)
+    components = sitk.ConnectedComponent(binary, True)
+    raw = measure_candidates(components, ct_hu, probability)
+    raw = [c for c in raw if c.volume_mm3 >= min_volume_mm3]
+    raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
+    raw = raw[:max_candidates]
+    # relabel by rank
+    lut = np.zeros(max((c.id for c in raw), default=0) + 1, dtype=np.uint16)
+    for rank, c in enumerate(raw, start=1):
+        lut[c.id] = rank
+    comp_arr = sitk.GetArrayViewFromImage(components)
+    lab_arr = np.zeros(comp_arr.shape, np.uint16)
+    if raw:
+        valid = comp_arr < len(lut)
+        lab_arr[valid] = lut[comp_arr[valid]]
+    labelmap = sitk.GetImageFromArray(lab_arr)
+    labelmap.CopyInformation(ct_hu)
+    for rank, c in enumerate(raw, start=1):
+        c.id = c.rank = rank
+    return labelmap, raw

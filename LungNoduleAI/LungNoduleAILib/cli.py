@@ -1,0 +1,256 @@
+"""The ``lungnoduleai`` command line: detect, demo, train, pack.
+
+Exit status: 0 all inputs processed; 1 at least one input failed (the
+others were still processed); 2 bad command line; 3 cancelled (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "PROGRESS_PREFIX", "RESULT_PREFIX", "ERROR_PREFIX"]
+
+PROGRESS_PREFIX = "LUNGNODULEAI_PROGRESS "
+"""``--progress-lines``: each progress line is this prefix + a JSON object
+``{"input": i, "inputs": n, "name": ..., "stage": ..., "done": d, "total": t, "fraction": f, "elapsed_s": s}``."""
+RESULT_PREFIX = "LUNGNODULEAI_RESULT "
+"""``--progress-lines``: one line per finished input: prefix + ``{"input": path, "json": path, "candidates": n}``."""
+ERROR_PREFIX = "LUNGNODULEAI_ERROR "
+"""``--progress-lines``: one line per failed input: prefix + ``{"input": path, "error": message}``."""
+
+# Rough share of each stage in a run, to turn stages into one fraction.
+_STAGE_SPAN = {"read": (0.0, 0.05), "preprocess": (0.05, 0.15), "lung mask": (0.15, 0.2), "inference": (0.2, 0.85), "candidates": (0.85, 0.93), "write": (0.93, 1.0)}
+
+
+class _Progress:
+    """Turns ``progress(done, total, stage)`` callbacks into a tqdm bar or machine-readable lines."""
+
+    def __init__(self, lines: bool, inputs: int):
+        self.lines = lines
+        self.inputs = inputs
+        self.index = 0
+        self.name = ""
+        self.start = time.monotonic()
+        self.bar = None
+        self.last_line = 0.0
+
+    def begin(self, index: int, name: str) -> None:
+        self.index, self.name, self.start = index, name, time.monotonic()
+        if not self.lines and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=f"[{index + 1}/{self.inputs}] {name}", unit="%", leave=True, bar_format="{l_bar}{bar}| {postfix}")
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        lo, hi = _STAGE_SPAN.get(stage, (0.0, 1.0))
+        frac = lo + (hi - lo) * (done / total if total else 0.0)
+        if self.lines:
+            now = time.monotonic()
+            if now - self.last_line >= 0.2 or done == total:
+                self.last_line = now
+                msg = {"input": self.index, "inputs": self.inputs, "name": self.name, "stage": stage, "done": done, "total": total, "fraction": round(frac, 4), "elapsed_s": round(now - self.start, 2)}
+                print(PROGRESS_PREFIX + json.dumps(msg), flush=True)
+        elif self.bar is not None:
+            self.bar.n = int(frac * 100)
+            self.bar.set_postfix_str(stage)
+            self.bar.refresh()
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the nodule network on nodule cubes and full scans",
+        description="Train the 3-D U-Net. Reads the layout of shared/data (cubes/cubes.csv, scans/*.nii.gz) "
+        "or a data pack made by 'lungnoduleai pack'. Runs on CPU, one GPU, or several GPUs under torchrun.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", help="folder with cubes/ and scans/ (e.g. ../shared/data)")
+    src.add_argument("--pack", help="data pack (.npz) written by 'lungnoduleai pack'")
+    p.add_argument("--output", required=True, help="model metadata JSON to write (weights go beside it as .pt)")
+    p.add_argument("--scans", default="LIDC-IDRI-0002", help="comma-separated full scans used for negatives/pasting (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps (default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes (cosine schedule follows the budget)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--patch", type=int, default=48, help="cubic patch size in voxels (multiple of 16)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (under torchrun each rank takes its local GPU)")
+    p.add_argument("--val-every", type=int, default=250, help="validate every N steps")
+    p.add_argument("--init", default=None, help="start from this model's weights (JSON or .pt path)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_pack(sub) -> None:
+    p = sub.add_parser("pack", help="write a compact training data pack (.npz)", description="Prepare cubes and scans at the model's spacing as uint8 and save them compressed, e.g. to train on a GPU machine.")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--output", required=True, help=".npz path")
+    p.add_argument("--scans", default="LIDC-IDRI-0002")
+    p.add_argument("--seed", type=int, default=0, help="validation split seed")
+
+
+def _add_detect(sub) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="detect nodules in CT volumes",
+        description="Detect lung nodule candidates in one or more chest CTs (NIfTI, NRRD, MHA/MHD files or DICOM series folders). "
+        "Writes per input: <name>_probability.nrrd, <name>_candidates.nrrd, <name>.seg.nrrd, <name>_nodules.csv, <name>_nodules.json "
+        "(and <name>_overview.png with --png). A bad input is reported and skipped; the exit status is 1 if any input failed.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="CT file or DICOM folder")
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the outputs (created if missing)")
+    _add_common_detect(p)
+
+
+def _add_common_detect(p) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs; auto = CUDA when available (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold for candidates (default: the model's)")
+    p.add_argument("--model", default=None, help="model metadata .json (default: the bundled model)")
+    p.add_argument("--no-lung-mask", action="store_true", help="search the whole volume instead of the lungs' bounding box")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--png", action="store_true", help="also write <name>_overview.png")
+    p.add_argument("--progress-lines", action="store_true", help=f"print machine-readable progress lines ('{PROGRESS_PREFIX.strip()} {{json}}') instead of a progress bar")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run detection on the bundled sample CT", description="Detect nodules in the sample chest CT that ships with LungNoduleAI and write all outputs (with the overview PNG).")
+    p.add_argument("-o", "--output-dir", default="demo-output", help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--keep", action="store_true", help="keep existing outputs (default: replace them)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungnoduleai", description="Lung nodule detection in chest CT (LungNoduleAI engine).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_detect(sub)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_pack(sub)
+    return parser
+
+
+def _run_detect(args, inputs=None, png=None, overwrite=None) -> int:
+    from .inference import DetectionCancelled
+    from .pipeline import Detector
+
+    inputs = inputs or args.inputs
+    png = args.png if png is None else png
+    overwrite = args.overwrite if overwrite is None else overwrite
+    lines = getattr(args, "progress_lines", False)
+    try:
+        detector = Detector(args.model if hasattr(args, "model") else None, args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        print(f"error: --threshold {args.threshold} is outside (0, 1); give a probability such as {detector.model.spec.threshold}.", file=sys.stderr)
+        return 2
+    print(f"model {detector.model.spec.name} {detector.model.spec.version} on {detector.model.device}", flush=True)
+    progress = _Progress(lines, len(inputs))
+    failed = []
+    for i, path in enumerate(inputs):
+        progress.begin(i, Path(path).name)
+        try:
+            result = detector.detect_to_files(
+                path, args.output_dir, args.threshold, not getattr(args, "no_lung_mask", False), overwrite, png, progress,
+            )
+        except KeyboardInterrupt:
+            progress.end()
+            print("cancelled: no partial outputs were left.", file=sys.stderr)
+            return 3
+        except DetectionCancelled:
+            progress.end()
+            return 3
+        except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
+            progress.end()
+            failed.append(path)
+            print(f"error: {path}: {exc}", file=sys.stderr, flush=True)
+            if lines:
+                print(ERROR_PREFIX + json.dumps({"input": str(path), "error": str(exc)}), flush=True)
+            continue
+        progress.end()
+        for note in result.notes:
+            print(f"note: {path}: {note}", flush=True)
+        _print_summary(result)
+        if lines:
+            print(RESULT_PREFIX + json.dumps({"input": str(path), "json": str(result.outputs["json"]), "candidates": len(result.candidates)}), flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(inputs)} inputs failed: {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_summary(result) -> None:
+    total = sum(result.timings_s.values())
+    print(f"{result.ct.name}: {len(result.candidates)} candidate(s) at p >= {result.threshold:g} in {total:.1f} s ({result.device})")
+    for c in result.candidates[:10]:
+        r = c.center_ras_mm
+        print(f"  #{c.rank}: p={c.probability:.2f}  {c.diameter_mm:5.1f} mm  {c.volume_mm3:8.0f} mm3  RAS ({r[0]:.1f}, {r[1]:.1f}, {r[2]:.1f})")
+    if len(result.candidates) > 10:
+        print(f"  ... {len(result.candidates) - 10} more (see the CSV)")
+    folder = next(iter(result.outputs.values())).parent if result.outputs else None
+    if folder is not None:
+        print(f"  outputs in {folder}/: " + ", ".join(p.name for p in result.outputs.values()))
+
+
+def _run_demo(args) -> int:
+    from .sample import sample_ct_path
+
+    sample = sample_ct_path()
+    print(f"Sample CT: {sample}")
+    args.threshold = None
+    args.model = None
+    return _run_detect(args, inputs=[str(sample)], png=True, overwrite=not args.keep)
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from .model import ModelSpec
+    from .train import load_pack, prepare_training_data, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = ModelSpec()
+    scans = [s for s in args.scans.split(",") if s]
+    data = load_pack(args.pack) if args.pack else prepare_training_data(args.data_dir, spec, scans, seed=args.seed)
+    command = "lungnoduleai " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = train(
+        data, args.output, spec, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
+        patch=args.patch, lr=args.lr, seed=args.seed, device=args.device, val_every=args.val_every, init=args.init, command=command,
+    )
+    print(f"best validation: {record.get('best_validation')}")
+    return 0
+
+
+def _run_pack(args) -> int:
+    from .model import ModelSpec
+    from .train import prepare_training_data, save_pack
+
+    data = prepare_training_data(args.data_dir, ModelSpec(), [s for s in args.scans.split(",") if s], seed=args.seed)
+    save_pack(data, args.output)
+    print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.1f} MB): {data.meta}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"detect": _run_detect, "demo": _run_demo, "train": _run_train, "pack": _run_pack}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

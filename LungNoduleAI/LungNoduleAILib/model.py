@@ -1,0 +1,171 @@
+"""Model description (metadata JSON), network construction and weight loading.
+
+A bundled model is two files side by side: ``<name>.json`` (the metadata:
+architecture, preprocessing, default threshold, training record) and the
+weights file it names (a torch ``state_dict``, stored as float16 to keep it
+small). Preprocessing is read from the metadata, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelSpec", "LoadedModel", "build_network", "load_model", "save_model", "default_model_path", "file_sha256"]
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+DEFAULT_MODEL_NAME = "lung_nodule_unet.json"
+
+
+def default_model_path() -> Path:
+    """The bundled model's metadata file (``$LUNGNODULEAI_MODEL`` overrides it)."""
+    env = os.environ.get("LUNGNODULEAI_MODEL")
+    return Path(env) if env else MODELS_DIR / DEFAULT_MODEL_NAME
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to preprocess, run and post-process a model.
+
+    Attributes:
+        name: model name.
+        version: model version string.
+        weights: weights file name, relative to the metadata file.
+        architecture: keyword arguments of MONAI ``UNet`` (``channels``, ``strides``,
+            ``num_res_units``, ``norm``); spatial_dims/in/out channels are fixed (3, 1, 1).
+        spacing_mm: model input spacing ``(x, y, z)`` mm.
+        hu_window: HU range ``(low, high)`` clipped and scaled to [0, 1].
+        roi_size: sliding-window size ``(z, y, x)`` voxels (divisible by 2**len(strides)).
+        overlap: sliding-window overlap fraction.
+        threshold: default probability threshold for candidates.
+        min_volume_mm3: candidates smaller than this are dropped.
+        lung_margin_mm: margin around the lung bounding box.
+        training: free-form training record (data, command, seed, metrics).
+    """
+
+    name: str = "lung_nodule_unet"
+    version: str = "0.0.0"
+    weights: str = "lung_nodule_unet.pt"
+    architecture: dict[str, Any] = field(
+        default_factory=lambda: {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 0, "norm": "batch"}
+    )
+    spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    overlap: float = 0.25
+    threshold: float = 0.5
+    min_volume_mm3: float = 5.0
+    lung_margin_mm: float = 10.0
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelSpec":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+
+def build_network(spec: ModelSpec):
+    """A MONAI 3-D ``UNet`` from ``spec.architecture``.
+
+    With ``num_res_units=0`` the top of MONAI's UNet is a plain transposed
+    convolution (no normalisation or activation after it), so the logits are
+    not squeezed and probabilities/thresholds mean something.
+    """
+    from monai.networks.nets import UNet
+
+    arch = dict(spec.architecture)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=1, **arch)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference plus its description.
+
+    Attributes:
+        network: ``torch.nn.Module`` in eval mode on ``device``.
+        spec: the model's :class:`ModelSpec`.
+        path: metadata file path.
+        sha256: SHA-256 of the weights file.
+        device: torch device string the network sits on.
+    """
+
+    network: Any
+    spec: ModelSpec
+    path: str
+    sha256: str
+    device: str
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map ``auto|cpu|cuda`` to a torch device string; refuse CUDA when unavailable."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"Unknown device '{device}': use auto, cpu or cuda.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"Device '{device}' requested but this torch ({torch.__version__}) has no usable CUDA GPU. "
+            "Use --device cpu, or install a CUDA build of torch (see README)."
+        )
+    return device
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> LoadedModel:
+    """Load a model from its metadata JSON (or a weights file with a JSON beside it).
+
+    Raises:
+        ValueError: the files are missing or do not match the architecture.
+    """
+    import torch
+
+    p = Path(path) if path else default_model_path()
+    if p.suffix != ".json":
+        p = p.with_suffix(".json")
+    if not p.exists():
+        raise ValueError(f"Model metadata '{p}' not found. Give --model PATH of a model's .json file.")
+    spec = ModelSpec.from_json(p)
+    weights = p.parent / spec.weights
+    if not weights.exists():
+        raise ValueError(f"Model weights '{weights}' (named in '{p}') not found.")
+    dev = resolve_device(device)
+    net = build_network(spec)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"Weights '{weights}' do not fit the architecture in '{p}': {str(exc).splitlines()[0]}") from exc
+    net.eval().to(dev)
+    return LoadedModel(net, spec, str(p), file_sha256(weights), dev)
+
+
+def save_model(network, spec: ModelSpec, json_path: str | os.PathLike) -> Path:
+    """Write weights (float16 state_dict) and metadata JSON; returns the JSON path."""
+    import torch
+
+    jp = Path(json_path)
+    jp.parent.mkdir(parents=True, exist_ok=True)
+    module = getattr(network, "module", network)  # unwrap DistributedDataParallel
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu() for k, v in module.state_dict().items()}
+    spec.weights = jp.with_suffix(".pt").name
+    torch.save(state, jp.with_suffix(".pt"))
+    spec.to_json(jp)
+    return jp

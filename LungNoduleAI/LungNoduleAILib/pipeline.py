@@ -1,0 +1,243 @@
+"""The detection pipeline: read -> preprocess -> lung crop -> infer -> candidates -> write.
+
+``Detector`` loads a model once and processes volumes; ``detect`` is the
+function form for a single volume. Progress is reported as
+``progress(done, total, stage)`` and ``should_cancel()`` is polled between
+steps and between sliding windows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .candidates import Candidate, extract_candidates
+from .imageio import CTVolume, read_ct
+from .inference import DetectionCancelled, SlidingWindowPredictor
+from .model import LoadedModel, load_model
+from .preprocess import lung_crop, orient_lps, resample_like, resample_to_spacing, scale_intensity
+from .writers import (
+    OutputSet,
+    output_paths,
+    write_candidates_csv,
+    write_json,
+    write_labelmap,
+    write_overview_png,
+    write_probability,
+    write_segmentation,
+)
+
+__all__ = ["DetectionResult", "Detector", "detect", "DetectionCancelled", "STAGES"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("read", "preprocess", "lung mask", "inference", "candidates", "write")
+"""Stage names passed to progress callbacks, in order."""
+
+
+@dataclass
+class DetectionResult:
+    """What a detection run produced.
+
+    Attributes:
+        ct: the input volume.
+        probability: float32 probabilities (0-1) on the CT grid.
+        labelmap: uint16 labelmap on the CT grid, label i = candidate of rank i.
+        candidates: ranked candidates.
+        threshold: probability threshold used.
+        device: torch device used.
+        timings_s: seconds per stage.
+        lung_found: whether the lung crop was used.
+        notes: remarks for the user (warnings, chosen DICOM series...).
+        outputs: written files keyed by kind (after :meth:`Detector.detect_to_files`).
+    """
+
+    ct: CTVolume
+    probability: sitk.Image
+    labelmap: sitk.Image
+    candidates: list[Candidate]
+    threshold: float
+    device: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+    lung_found: bool = False
+    notes: list[str] = field(default_factory=list)
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    def report(self, model: LoadedModel) -> dict:
+        """The JSON contract (``<name>_nodules.json``)."""
+        return {
+            "engine": {"name": "LungNoduleAI", "version": __version__},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "input": {
+                "path": os.path.abspath(self.ct.path),
+                "name": self.ct.name,
+                "series_uid": self.ct.series_uid,
+                "size_ijk": list(self.ct.image.GetSize()),
+                "spacing_mm": list(self.ct.image.GetSpacing()),
+                "origin_lps_mm": list(self.ct.image.GetOrigin()),
+                "direction": list(self.ct.image.GetDirection()),
+            },
+            "model": {"name": model.spec.name, "version": model.spec.version, "sha256": model.sha256, "path": os.path.abspath(model.path)},
+            "device": self.device,
+            "threshold": self.threshold,
+            "lung_mask": {"used": self.lung_found},
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "notes": self.notes,
+            "outputs": {k: p.name for k, p in self.outputs.items()},
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+class Detector:
+    """Load a model once, detect nodules in many volumes.
+
+    Args:
+        model: a :class:`LoadedModel`, or a metadata path (``None`` = bundled model).
+        device: ``auto|cpu|cuda`` (ignored when ``model`` is already loaded).
+    """
+
+    def __init__(self, model: LoadedModel | str | os.PathLike | None = None, device: str = "auto"):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device)
+        spec = self.model.spec
+        self.predictor = SlidingWindowPredictor(self.model.network, spec.roi_size, spec.overlap, self.model.device)
+
+    def detect(
+        self,
+        ct: CTVolume | sitk.Image,
+        threshold: float | None = None,
+        use_lung_mask: bool = True,
+        progress: Callable[[int, int, str], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> DetectionResult:
+        """Detect nodule candidates in a CT (HU).
+
+        Args:
+            ct: a :class:`CTVolume` or a SimpleITK image in HU.
+            threshold: probability threshold (default: the model's).
+            use_lung_mask: restrict inference to the lungs' bounding box.
+            progress: ``progress(done, total, stage)``; for stages other than
+                inference ``done``/``total`` are 0/1 then 1/1.
+            should_cancel: return True to stop (raises :class:`DetectionCancelled`).
+        """
+        if isinstance(ct, sitk.Image):
+            ct = CTVolume(image=ct, path="<memory>", name="volume")
+        spec = self.model.spec
+        threshold = spec.threshold if threshold is None else float(threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as {spec.threshold}.")
+        timings: dict[str, float] = {}
+        notes = list(ct.notes)
+
+        def stage(name: str) -> None:
+            if should_cancel is not None and should_cancel():
+                raise DetectionCancelled("Detection cancelled by the user.")
+            if progress is not None:
+                progress(0, 1, name)
+
+        stage("preprocess")
+        t = time.perf_counter()
+        oriented = orient_lps(ct.image)
+        resampled = resample_to_spacing(oriented, spec.spacing_mm, sitk.sitkLinear, -1000.0)
+        timings["preprocess"] = time.perf_counter() - t
+
+        stage("lung mask")
+        t = time.perf_counter()
+        size_zyx = tuple(reversed(resampled.GetSize()))
+        if use_lung_mask:
+            crop = lung_crop(resampled, spec.lung_margin_mm)
+            if not crop.found:
+                notes.append("No plausible lung found: the whole volume was searched.")
+            sl = crop.slices()
+            lung_found = crop.found
+        else:
+            sl = tuple(slice(0, s) for s in size_zyx)
+            lung_found = False
+        timings["lung_mask"] = time.perf_counter() - t
+
+        stage("inference")
+        t = time.perf_counter()
+        arr = sitk.GetArrayViewFromImage(resampled)
+        volume = scale_intensity(np.asarray(arr[sl]), spec.hu_window)
+        prob_crop = self.predictor(volume, progress, should_cancel)
+        timings["inference"] = time.perf_counter() - t
+
+        stage("candidates")
+        t = time.perf_counter()
+        prob_full = np.zeros(size_zyx, np.float32)
+        prob_full[sl] = prob_crop
+        prob_img = sitk.GetImageFromArray(prob_full)
+        prob_img.CopyInformation(resampled)
+        prob_ct = resample_like(prob_img, ct.image, sitk.sitkLinear, 0.0)
+        labelmap, cands = extract_candidates(prob_ct, ct.image, threshold, spec.min_volume_mm3)
+        timings["candidates"] = time.perf_counter() - t
+        if progress is not None:
+            progress(1, 1, "candidates")
+        return DetectionResult(ct, prob_ct, labelmap, cands, threshold, self.model.device, timings, lung_found, notes)
+
+    def detect_to_files(
+        self,
+        path: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        threshold: float | None = None,
+        use_lung_mask: bool = True,
+        overwrite: bool = False,
+        png: bool = False,
+        progress: Callable[[int, int, str], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> DetectionResult:
+        """Read ``path`` (file or DICOM folder), detect, and write all outputs to ``output_dir``.
+
+        Files appear only when every one was written; existing files are
+        refused unless ``overwrite``.
+        """
+        if progress is not None:
+            progress(0, 1, "read")
+        t = time.perf_counter()
+        ct = read_ct(path)
+        read_s = time.perf_counter() - t
+        targets = output_paths(output_dir, ct.name, png)
+        with OutputSet(targets, overwrite) as out:  # refuses existing files before the work starts
+            result = self.detect(ct, threshold, use_lung_mask, progress, should_cancel)
+            result.timings_s = {"read": read_s, **result.timings_s}
+            if should_cancel is not None and should_cancel():
+                raise DetectionCancelled("Detection cancelled by the user.")
+            if progress is not None:
+                progress(0, 1, "write")
+            t = time.perf_counter()
+            write_probability(result.probability, out.tmp("probability"))
+            write_labelmap(result.labelmap, out.tmp("labelmap"))
+            write_segmentation(result.labelmap, result.candidates, out.tmp("segmentation"))
+            write_candidates_csv(result.candidates, out.tmp("csv"))
+            if png:
+                write_overview_png(ct.image, result.probability, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)
+            result.outputs = dict(targets)
+            result.timings_s["write"] = time.perf_counter() - t
+            write_json(result.report(self.model), out.tmp("json"))
+            if should_cancel is not None and should_cancel():
+                raise DetectionCancelled("Detection cancelled by the user.")
+            result.outputs = out.commit()
+        if progress is not None:
+            progress(1, 1, "write")
+        return result
+
+
+def detect(
+    ct: CTVolume | sitk.Image,
+    model: LoadedModel | str | os.PathLike | None = None,
+    device: str = "auto",
+    threshold: float | None = None,
+    use_lung_mask: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DetectionResult:
+    """Function form of :meth:`Detector.detect` (loads the model each call)."""
+    return Detector(model, device).detect(ct, threshold, use_lung_mask, progress, should_cancel)

@@ -1,0 +1,534 @@
+"""Training the nodule segmentation network on real nodules in real lungs.
+
+Data (see ``shared/data/README.md``): LUNA16 nodule cubes (50 mm, 1 mm, with
+masks) and full LIDC-IDRI scans. Each training patch (``patch`` voxels, cubic)
+is one of:
+
+* a nodule cube cropped at a random offset (the nodule off-centre);
+* a cube whose nodule was erased ("inpainted" with lung parenchyma) with a
+  nodule from another training cube pasted at a random lung position,
+  next to the pleura or vessels as often as in open lung;
+* an erased cube alone (a nodule-free lung patch);
+* a patch from a full scan's lungs (half the centres on dense tissue inside
+  the lung: vessels, pleura, fissures), with a pasted nodule in some.
+
+Validation is split by series (never by cube). The same command runs on the
+CPU, on one GPU, and under ``torchrun`` on several GPUs
+(DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .model import ModelSpec, build_network, save_model
+from .preprocess import compute_lung_mask, orient_lps, resample_like, resample_to_spacing, scale_intensity_uint8
+
+__all__ = ["TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
+
+log = logging.getLogger(__name__)
+
+_LIDC_NS = "{http://www.nih.gov}"
+
+
+def lidc_marked_points_lps(xml_path: str | os.PathLike, image: sitk.Image) -> list[list[float]]:
+    """Centres (LPS mm) of everything any LIDC reader marked: nodules (any size) and non-nodules.
+
+    Used to keep negative training patches away from real findings.
+    """
+    root = ET.parse(xml_path).getroot()
+    # map z position (mm) -> slice index
+    zs = [image.TransformIndexToPhysicalPoint([0, 0, k])[2] for k in range(image.GetSize()[2])]
+    points = []
+
+    def to_lps(x: float, y: float, z: float) -> list[float]:
+        k = int(np.argmin([abs(z - zz) for zz in zs]))
+        p = list(image.TransformContinuousIndexToPhysicalPoint([x, y, k]))
+        return p
+
+    for nod in root.iter(_LIDC_NS + "unblindedReadNodule"):
+        pts = []
+        for roi in nod.iter(_LIDC_NS + "roi"):
+            z = float(roi.findtext(_LIDC_NS + "imageZposition"))
+            for em in roi.iter(_LIDC_NS + "edgeMap"):
+                pts.append((float(em.findtext(_LIDC_NS + "xCoord")), float(em.findtext(_LIDC_NS + "yCoord")), z))
+        if pts:
+            a = np.array(pts)
+            points.append(to_lps(*a.mean(axis=0)))
+    for nn in root.iter(_LIDC_NS + "nonNodule"):
+        z = float(nn.findtext(_LIDC_NS + "imageZposition"))
+        locus = nn.find(_LIDC_NS + "locus")
+        points.append(to_lps(float(locus.findtext(_LIDC_NS + "xCoord")), float(locus.findtext(_LIDC_NS + "yCoord")), z))
+    return points
+
+
+@dataclass
+class TrainingData:
+    """Training material at the model's spacing, intensities as uint8 (0..255 = hu_window).
+
+    Attributes:
+        cubes: ``(N, S, S, S)`` uint8 nodule cubes (cut-short cubes padded with air).
+        masks: ``(N, S, S, S)`` uint8 nodule masks.
+        diameters_mm: ``(N,)`` reference diameters.
+        series: ``(N,)`` series UIDs.
+        is_val: ``(N,)`` bool, validation split (by series).
+        scans: list of ``(volume uint8 (z, y, x), lung mask uint8, exclusion points (M, 3) zyx voxels)``.
+        meta: description (sources, split seed, counts).
+    """
+
+    cubes: np.ndarray
+    masks: np.ndarray
+    diameters_mm: np.ndarray
+    series: np.ndarray
+    is_val: np.ndarray
+    scans: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def _fit_cube(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full((size, size, size), fill, dtype=arr.dtype)
+    s = [min(size, d) for d in arr.shape]
+    out[: s[0], : s[1], : s[2]] = arr[: s[0], : s[1], : s[2]]
+    return out
+
+
+def prepare_training_data(
+    data_dir: str | os.PathLike,
+    spec: ModelSpec,
+    scan_names: Sequence[str] = ("LIDC-IDRI-0002",),
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    max_cubes: int | None = None,
+) -> TrainingData:
+    """Read cubes and full scans from ``data_dir`` (the layout of ``shared/data``).
+
+    Args:
+        data_dir: folder with ``cubes/cubes.csv`` and ``scans/``.
+        spec: model spec (spacing and HU window).
+        scan_names: full scans used for negatives and as pasting background
+            (the others stay unseen for evaluation).
+        val_fraction: fraction of series held out for validation.
+        seed: split seed.
+        max_cubes: use only the first N cubes (quick runs, tests).
+    """
+    data_dir = Path(data_dir)
+    rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
+    if max_cubes:
+        rows = rows[:max_cubes]
+    size = 50
+    cubes = np.zeros((len(rows), size, size, size), np.uint8)
+    masks = np.zeros((len(rows), size, size, size), np.uint8)
+    air = int(scale_intensity_uint8(np.array([-1000.0]), spec.hu_window)[0])
+    for n, row in enumerate(rows):
+        img = sitk.ReadImage(str(data_dir / "cubes" / row["image"]))
+        msk = sitk.ReadImage(str(data_dir / "cubes" / row["mask"]))
+        if any(abs(s - t) > 1e-3 for s, t in zip(img.GetSpacing(), spec.spacing_mm)):
+            img = resample_to_spacing(img, spec.spacing_mm, sitk.sitkLinear, -1000.0)
+            msk = resample_like(msk, img, sitk.sitkNearestNeighbor)
+        a = np.maximum(sitk.GetArrayFromImage(img).astype(np.float32), -1000.0)
+        cubes[n] = _fit_cube(scale_intensity_uint8(a, spec.hu_window), size, air)
+        masks[n] = _fit_cube((sitk.GetArrayFromImage(msk) > 0).astype(np.uint8), size, 0)
+    series = np.array([r["seriesuid"] for r in rows])
+    uniq = sorted(set(series))
+    rng = random.Random(seed)
+    rng.shuffle(uniq)
+    val_series = set(uniq[: max(1, int(round(val_fraction * len(uniq))))])
+    is_val = np.array([s in val_series for s in series])
+    scans = []
+    for name in scan_names:
+        path = data_dir / "scans" / f"{name}.nii.gz"
+        if not path.exists():
+            log.warning("Scan %s not found, skipped", path)
+            continue
+        img = orient_lps(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32))
+        img = sitk.Maximum(img, -1000.0)
+        res = resample_to_spacing(img, spec.spacing_mm, sitk.sitkLinear, -1000.0)
+        lung = compute_lung_mask(res)
+        if lung is None:
+            log.warning("No lung found in %s, skipped", path)
+            continue
+        lung = resample_like(lung, res, sitk.sitkNearestNeighbor)
+        points = []
+        xml = path.with_name(f"{name}.xml")
+        if xml.exists():
+            raw = sitk.ReadImage(str(path))
+            for p in lidc_marked_points_lps(xml, raw):
+                points.append(list(reversed(res.TransformPhysicalPointToContinuousIndex(p))))
+        scans.append((scale_intensity_uint8(sitk.GetArrayFromImage(res), spec.hu_window), sitk.GetArrayFromImage(lung).astype(np.uint8), np.array(points, dtype=np.float32).reshape(-1, 3)))
+    meta = {
+        "cubes": len(rows),
+        "train_cubes": int((~is_val).sum()),
+        "val_cubes": int(is_val.sum()),
+        "series": len(uniq),
+        "val_series": len(val_series),
+        "split_seed": seed,
+        "scans": [n for n in scan_names],
+    }
+    return TrainingData(cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta)
+
+
+def save_pack(data: TrainingData, path: str | os.PathLike) -> None:
+    """Write a compact compressed ``.npz`` data pack (for moving data to a GPU machine)."""
+    arrays = {
+        "cubes": data.cubes, "masks": data.masks, "diameters_mm": data.diameters_mm,
+        "series": data.series, "is_val": data.is_val, "meta": np.array(json.dumps(data.meta)),
+    }
+    for i, (vol, lung, pts) in enumerate(data.scans):
+        arrays[f"scan{i}"], arrays[f"lung{i}"], arrays[f"excl{i}"] = vol, lung, pts
+    np.savez_compressed(path, **arrays)
+
+
+def load_pack(path: str | os.PathLike) -> TrainingData:
+    """Read a pack written by :func:`save_pack`."""
+    z = np.load(path, allow_pickle=False)
+    scans = []
+    i = 0
+    while f"scan{i}" in z:
+        scans.append((z[f"scan{i}"], z[f"lung{i}"], z[f"excl{i}"]))
+        i += 1
+    return TrainingData(z["cubes"], z["masks"], z["diameters_mm"], z["series"], z["is_val"], scans, json.loads(str(z["meta"])))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+class PatchSampler:
+    """Draws ``(image uint8 (P, P, P), label uint8 (P, P, P))`` training patches."""
+
+    def __init__(self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3)):
+        self.patch = patch
+        self.rng = np.random.default_rng(seed)
+        idx = np.flatnonzero(~data.is_val)
+        self.cubes = data.cubes[idx]
+        self.masks = data.masks[idx]
+        d = data.diameters_mm[idx]
+        w = np.where(d < 6, 2.0, 1.0)  # oversample small nodules
+        self.nodule_p = w / w.sum()
+        self.lung_max_u8 = lung_max_u8
+        self.mix = np.array(mix) / np.sum(mix)
+        self.scans = data.scans
+        self.air = 0
+        self.erased = np.stack([self._erase(c, m) for c, m in zip(self.cubes, self.masks)])
+        self.sprites = [self._sprite(c, m) for c, m in zip(self.cubes, self.masks)]
+        self.scan_centres = []
+        for vol, lung, pts in self.scans:
+            r = patch // 2
+            inner = np.zeros_like(lung, dtype=bool)
+            inner[r:-r, r:-r, r:-r] = True
+            lung_b = (lung > 0) & inner
+            dense = lung_b & (vol > lung_max_u8)
+            self.scan_centres.append((np.argwhere(lung_b)[:: 7], np.argwhere(dense)[:: 3], pts))
+
+    def _erase(self, cube: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        m = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask), [2, 2, 2]))
+        out = cube.copy()
+        lung_vals = cube[(cube < self.lung_max_u8) & (m == 0)]
+        fill = np.median(lung_vals) if lung_vals.size else self.lung_max_u8 // 2
+        noise = self.rng.normal(0, 4, size=int(m.sum()))
+        out[m > 0] = np.clip(fill + noise, 0, 255).astype(np.uint8)
+        return out
+
+    @staticmethod
+    def _sprite(cube: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        nz = np.argwhere(mask)
+        lo = np.maximum(nz.min(0) - 3, 0)
+        hi = np.minimum(nz.max(0) + 4, mask.shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        m = mask[sl]
+        blend = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(m.astype(np.float32)), 1.0))
+        blend = np.clip(blend * 1.6, 0, 1)
+        return cube[sl], m, blend
+
+    def _random_crop(self, vol: np.ndarray, lab: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+        p = self.patch
+        if pad:
+            vol = np.pad(vol, pad, mode="reflect")
+            lab = np.pad(lab, pad, mode="constant")
+        off = [int(self.rng.integers(0, max(1, s - p + 1))) for s in vol.shape]
+        sl = tuple(slice(o, o + p) for o in off)
+        return vol[sl], lab[sl]
+
+    def _paste(self, vol: np.ndarray, lab: np.ndarray) -> None:
+        """Paste a random training nodule at a random lung position (in place)."""
+        img, m, blend = self.sprites[int(self.rng.choice(len(self.sprites), p=self.nodule_p))]
+        for ax in range(3):
+            if self.rng.random() < 0.5:
+                img, m, blend = np.flip(img, ax), np.flip(m, ax), np.flip(blend, ax)
+        shape = np.array(img.shape)
+        p = self.patch
+        lo_allowed = -shape // 4
+        hi_allowed = p - shape + shape // 4
+        lung = np.argwhere(vol < self.lung_max_u8)
+        if lung.size == 0:
+            return
+        dense_near = self.rng.random() < 0.4
+        for _ in range(20):
+            c = lung[int(self.rng.integers(len(lung)))]
+            start = c - shape // 2
+            if np.all(start >= lo_allowed) and np.all(start <= hi_allowed):
+                if dense_near:
+                    # prefer a spot whose surroundings contain dense tissue (pleura, vessel)
+                    a = np.maximum(c - shape // 2 - 2, 0)
+                    b = np.minimum(c + shape // 2 + 3, p)
+                    if not (vol[a[0]:b[0], a[1]:b[1], a[2]:b[2]] > self.lung_max_u8 + 40).any():
+                        continue
+                break
+        else:
+            return
+        dst_lo = np.maximum(start, 0)
+        dst_hi = np.minimum(start + shape, p)
+        src_lo = dst_lo - start
+        src_hi = src_lo + (dst_hi - dst_lo)
+        d = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
+        s = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        bg = vol[d].astype(np.float32)
+        fg = np.maximum(img[s].astype(np.float32), bg)
+        vol[d] = np.clip(bg + blend[s] * (fg - bg), 0, 255).astype(np.uint8)
+        lab[d] = np.maximum(lab[d], m[s])
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        kind = int(self.rng.choice(4, p=self.mix))
+        if kind == 3 and not self.scans:
+            kind = 1
+        n = len(self.cubes)
+        if kind == 0:
+            i = int(self.rng.choice(n, p=self.nodule_p))
+            vol, lab = self._random_crop(self.cubes[i], self.masks[i], 8)
+            return np.ascontiguousarray(vol), np.ascontiguousarray(lab)
+        if kind in (1, 2):
+            i = int(self.rng.integers(n))
+            vol, lab = self._random_crop(self.erased[i], np.zeros_like(self.masks[i]), 0)
+            vol, lab = vol.copy(), lab.copy()
+            if kind == 1:
+                self._paste(vol, lab)
+            return vol, lab
+        s = int(self.rng.integers(len(self.scans)))
+        vol_full, _, _ = self.scans[s]
+        anywhere, dense, pts = self.scan_centres[s]
+        r = self.patch // 2
+        for _ in range(20):
+            pool = dense if (self.rng.random() < 0.5 and len(dense)) else anywhere
+            c = pool[int(self.rng.integers(len(pool)))]
+            if len(pts) == 0 or np.min(np.max(np.abs(pts - c), axis=1)) > r + 12:
+                break
+        sl = tuple(slice(int(v) - r, int(v) - r + self.patch) for v in c)
+        vol = vol_full[sl].copy()
+        lab = np.zeros_like(vol)
+        if self.rng.random() < 0.3:
+            self._paste(vol, lab)
+        return vol, lab
+
+
+def _augment(x, y, gen):
+    """Batch augmentation on torch tensors ``(B, 1, P, P, P)``: flips, axial rot90,
+    intensity scale/shift, noise, and simulated thick slices."""
+    import torch
+    import torch.nn.functional as F
+
+    for ax in (2, 3, 4):
+        if torch.rand(1, generator=gen).item() < 0.5:
+            x, y = x.flip(ax), y.flip(ax)
+    k = int(torch.randint(0, 4, (1,), generator=gen).item())
+    if k:
+        x, y = torch.rot90(x, k, (3, 4)), torch.rot90(y, k, (3, 4))
+    b = x.shape[0]
+    scale = 1.0 + 0.1 * (torch.rand(b, 1, 1, 1, 1, generator=gen) * 2 - 1)
+    shift = 0.04 * (torch.rand(b, 1, 1, 1, 1, generator=gen) * 2 - 1)
+    sigma = 0.03 * torch.rand(b, 1, 1, 1, 1, generator=gen)
+    x = x * scale.to(x.device) + shift.to(x.device) + torch.randn(x.shape, generator=gen).to(x.device) * sigma.to(x.device)
+    if torch.rand(1, generator=gen).item() < 0.25:  # thick slices: down/up-sample along z
+        f = float(1.5 + 1.5 * torch.rand(1, generator=gen).item())
+        p = x.shape[2]
+        x = F.interpolate(F.interpolate(x, size=(max(8, int(p / f)), p, p), mode="trilinear", align_corners=False), size=(p, p, p), mode="trilinear", align_corners=False)
+    return x, y
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def cube_detection_stats(prob: np.ndarray, mask: np.ndarray, diameter_mm: float, threshold: float, min_voxels: int, spacing_mm: float = 1.0) -> tuple[bool, int]:
+    """Is the cube's nodule found, and how many other candidates are there?
+
+    A candidate (connected component of ``prob >= threshold`` with at least
+    ``min_voxels`` voxels) hits when its centroid lies within the nodule's
+    radius (``diameter_mm / 2``) of the reference mask's centroid.
+
+    Args:
+        prob: ``(z, y, x)`` probabilities.
+        mask: ``(z, y, x)`` reference nodule mask.
+    """
+    lab = sitk.ConnectedComponent(sitk.GetImageFromArray((prob >= threshold).astype(np.uint8)))
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(lab)
+    ref = np.argwhere(mask).mean(axis=0)[::-1]  # x, y, z
+    radius = max(diameter_mm / 2.0, 1.0)
+    found, others = False, 0
+    for lbl in stats.GetLabels():
+        if stats.GetNumberOfPixels(lbl) < min_voxels:
+            continue
+        c = np.array(stats.GetCentroid(lbl))
+        if np.linalg.norm((c - ref) * spacing_mm) <= radius:
+            found = True
+        else:
+            others += 1
+    return found, others
+
+
+def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels: int, limit: int = 200) -> dict:
+    import torch
+
+    idx = np.flatnonzero(data.is_val)[:limit]
+    found, fps, small_found, small_n, fp_voxels = 0, 0, 0, 0, 0.0
+    net.eval()
+    with torch.inference_mode():
+        for i in idx:
+            x = torch.from_numpy(np.pad(data.cubes[i], 7, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
+            prob = torch.sigmoid(net(x)).float().cpu().numpy()[0, 0, 7:-7, 7:-7, 7:-7]
+            f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels)
+            found += f
+            fps += o
+            far = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(data.masks[i]), [3, 3, 3])) == 0
+            fp_voxels += float(((prob >= threshold) & far).mean())
+            if data.diameters_mm[i] < 6:
+                small_n += 1
+                small_found += f
+    net.train()
+    n = max(1, len(idx))
+    return {"val_cubes": int(len(idx)), "sensitivity": found / n, "fp_per_cube": fps / n, "sensitivity_lt6mm": small_found / max(1, small_n), "n_lt6mm": small_n,
+            "fp_voxel_fraction": fp_voxels / n}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(
+    data: TrainingData,
+    output: str | os.PathLike,
+    spec: ModelSpec | None = None,
+    steps: int = 4000,
+    max_minutes: float | None = None,
+    batch_size: int = 16,
+    patch: int = 48,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str = "auto",
+    val_every: int = 250,
+    init: str | os.PathLike | None = None,
+    command: str = "",
+) -> dict:
+    """Train and save the best model (by validation sensitivity minus false candidates).
+
+    Loss: binary cross-entropy with logits + soft Dice (batch-wise). AdamW
+    with a cosine learning-rate decay over ``steps`` or ``max_minutes``,
+    whichever ends first. Under ``torchrun`` each process trains on its own
+    GPU with DistributedDataParallel; rank 0 validates and saves.
+
+    Returns:
+        The final training record (also stored in the model's JSON).
+    """
+    import torch
+    from monai.losses import DiceLoss
+
+    from .model import resolve_device
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    if distributed:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        dev = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(dev)
+    else:
+        dev = resolve_device(device)
+    spec = spec or ModelSpec()
+    torch.manual_seed(seed + rank)
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    net = build_network(spec).to(dev)
+    if init:
+        state = torch.load(Path(init).with_suffix(".pt"), map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if distributed:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.startswith("cuda") else None)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    bce = torch.nn.BCEWithLogitsLoss()
+    dice = DiceLoss(sigmoid=True, batch=True)
+    lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
+    sampler = PatchSampler(data, patch, seed * 7919 + rank, lung_max)
+    use_amp = dev.startswith("cuda")
+    min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
+    t0 = time.time()
+    best, best_score, history = None, -1e9, []
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_name(out.stem + "_training_log.jsonl")
+    for step in range(1, steps + 1):
+        elapsed = (time.time() - t0) / 60.0
+        frac = step / steps
+        if max_minutes:
+            frac = max(frac, elapsed / max_minutes)
+        if frac > 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        batch = [sampler.sample() for _ in range(batch_size)]
+        x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None].astype(np.float32) / 255.0)
+        y = torch.from_numpy(np.stack([b[1] for b in batch])[:, None].astype(np.float32))
+        x, y = _augment(x, y, gen)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            logits = net(x)
+        logits = logits.float()
+        loss = bce(logits, y) + dice(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = step == steps or (max_minutes is not None and (time.time() - t0) / 60.0 >= max_minutes)
+        if rank == 0 and (step % val_every == 0 or last):
+            stats = _validate(getattr(net, "module", net), data, dev, spec.threshold, min_voxels)
+            stats.update(step=step, minutes=round((time.time() - t0) / 60.0, 2), loss=round(float(loss.item()), 4), lr=opt.param_groups[0]["lr"])
+            history.append(stats)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            log.info("step %d: %s", step, stats)
+            score = stats["sensitivity"] - 0.05 * stats["fp_per_cube"] - 5.0 * stats["fp_voxel_fraction"]
+            if score > best_score:
+                best_score, best = score, dict(stats)
+                spec.training = {
+                    "command": command,
+                    "seed": seed,
+                    "data": data.meta,
+                    "patch": patch,
+                    "batch_size": batch_size,
+                    "lr": lr,
+                    "loss": "BCEWithLogits + soft Dice (batch)",
+                    "optimizer": "AdamW, weight decay 1e-4, cosine decay",
+                    "device": dev,
+                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                    "best_validation": best,
+                }
+                save_model(net, spec, out)
+        if last:
+            break
+    if rank == 0 and best is not None:
+        spec.training["history"] = history
+        spec.training["total_minutes"] = round((time.time() - t0) / 60.0, 2)
+        spec.to_json(out)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return spec.training

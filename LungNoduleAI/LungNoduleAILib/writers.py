@@ -1,0 +1,257 @@
+"""Writing detection results: probability map, labelmap, Slicer .seg.nrrd, CSV, JSON, PNG.
+
+Every writer takes a target path; :class:`OutputSet` gathers a run's files
+in a temporary folder next to the targets and moves them into place only
+when all were written (``commit``), so a cancelled or failed run leaves no
+partial files and never overwrites unless asked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .candidates import Candidate
+
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "OutputSet",
+    "output_paths",
+    "write_probability",
+    "write_labelmap",
+    "write_segmentation",
+    "write_candidates_csv",
+    "write_json",
+    "write_overview_png",
+    "segment_tags",
+    "NODULE_TERMINOLOGY",
+    "SEGMENT_COLORS",
+]
+
+OUTPUT_SUFFIXES = {
+    "probability": "_probability.nrrd",
+    "labelmap": "_candidates.nrrd",
+    "segmentation": ".seg.nrrd",
+    "csv": "_nodules.csv",
+    "json": "_nodules.json",
+    "png": "_overview.png",
+}
+
+PROBABILITY_SCALE = 1.0 / 255.0
+"""Probability = stored uint8 value x PROBABILITY_SCALE."""
+
+NODULE_TERMINOLOGY = (
+    "Segmentation category and type - DICOM master list"
+    "~SCT^49755003^Morphologically Altered Structure"
+    "~SCT^27925004^Nodule"
+    "~^^"
+    "~Anatomic codes - DICOM master list"
+    "~SCT^39607008^Lung"
+    "~^^"
+)
+"""Slicer terminology entry: category Morphologically altered structure, type Nodule (SNOMED 27925004), region Lung."""
+
+SEGMENT_COLORS = [
+    (0.90, 0.10, 0.10), (0.10, 0.60, 0.95), (0.95, 0.75, 0.10), (0.20, 0.80, 0.30), (0.75, 0.30, 0.90),
+    (0.95, 0.45, 0.10), (0.10, 0.85, 0.85), (0.95, 0.35, 0.65), (0.55, 0.80, 0.10), (0.50, 0.50, 1.00),
+]
+
+
+def output_paths(output_dir: str | os.PathLike, name: str, png: bool = False) -> dict[str, Path]:
+    """Final paths of one input's outputs, keyed like :data:`OUTPUT_SUFFIXES`."""
+    out = Path(output_dir)
+    return {k: out / f"{name}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items() if png or k != "png"}
+
+
+class OutputSet:
+    """Write files into a temporary folder, then move them into place together.
+
+    Use as a context manager: on an exception the temporary files are
+    removed and the targets are untouched.
+
+    Args:
+        targets: final paths keyed by kind.
+        overwrite: replace existing targets; otherwise refuse up front.
+    """
+
+    def __init__(self, targets: dict[str, Path], overwrite: bool = False):
+        self.targets = {k: Path(v) for k, v in targets.items()}
+        existing = [str(p) for p in self.targets.values() if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"Output files already exist: {', '.join(existing)}. Use --overwrite to replace them, or another --output-dir.")
+        self.dir = None
+
+    def __enter__(self) -> "OutputSet":
+        parent = next(iter(self.targets.values())).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=".lungnoduleai-tmp-", dir=parent))
+        return self
+
+    def tmp(self, kind: str) -> Path:
+        """Temporary path to write ``kind`` to."""
+        return self.dir / self.targets[kind].name
+
+    def commit(self) -> dict[str, Path]:
+        """Move every written file into place (same file system: atomic renames)."""
+        for kind, target in self.targets.items():
+            src = self.tmp(kind)
+            if src.exists():
+                os.replace(src, target)
+        return {k: v for k, v in self.targets.items() if v.exists()}
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_probability(probability: sitk.Image, path: str | os.PathLike) -> None:
+    """Probability map as compressed uint8 NRRD (value x 1/255); the scale is in the header."""
+    arr = sitk.GetArrayViewFromImage(probability)
+    img = sitk.GetImageFromArray(np.clip(np.round(np.asarray(arr) * 255.0), 0, 255).astype(np.uint8))
+    img.CopyInformation(probability)
+    img.SetMetaData("LungNoduleAI.ProbabilityScale", repr(PROBABILITY_SCALE))
+    img.SetMetaData("LungNoduleAI.Quantity", "nodule probability")
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def read_probability(path: str | os.PathLike) -> sitk.Image:
+    """Read a probability map written by :func:`write_probability` as float32 0-1."""
+    img = sitk.ReadImage(str(path))
+    scale = float(img.GetMetaData("LungNoduleAI.ProbabilityScale")) if img.HasMetaDataKey("LungNoduleAI.ProbabilityScale") else 1.0
+    return sitk.Cast(img, sitk.sitkFloat32) * scale
+
+
+def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike) -> None:
+    """Candidates labelmap (label i = candidate of rank i) as compressed NRRD/NIfTI."""
+    sitk.WriteImage(labelmap, str(path), useCompression=True)
+
+
+def segment_tags(candidate: Candidate, status: str = "notstarted") -> dict[str, str]:
+    """Segment tags stored with each candidate (Slicer ``Segment{i}_Tags``)."""
+    return {
+        "Segmentation.Status": status,
+        "TerminologyEntry": NODULE_TERMINOLOGY,
+        "LungNoduleAI.Rank": str(candidate.rank),
+        "LungNoduleAI.Probability": f"{candidate.probability:.4f}",
+        "LungNoduleAI.DiameterMm": f"{candidate.diameter_mm:.2f}",
+        "LungNoduleAI.LongestAxialDiameterMm": f"{candidate.longest_axial_diameter_mm:.2f}",
+        "LungNoduleAI.VolumeMm3": f"{candidate.volume_mm3:.1f}",
+        "LungNoduleAI.ReviewStatus": "pending",
+    }
+
+
+def segment_name(candidate: Candidate) -> str:
+    """Display name such as ``Nodule 1 (12.3 mm, p=0.97)``."""
+    return f"Nodule {candidate.rank} ({candidate.diameter_mm:.1f} mm, p={candidate.probability:.2f})"
+
+
+def write_segmentation(labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike) -> None:
+    """A Slicer segmentation file (``.seg.nrrd``): one segment per candidate.
+
+    All segments share one layer (candidates never overlap); segment i has
+    label value i, a name with size and probability, a colour, the SNOMED
+    "Nodule" terminology, review status "not started" and custom tags.
+    """
+    arr = sitk.GetArrayViewFromImage(labelmap)
+    dtype = np.uint8 if len(candidates) < 256 else np.uint16
+    img = sitk.GetImageFromArray(np.asarray(arr).astype(dtype))
+    img.CopyInformation(labelmap)
+    img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    img.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    for i, c in enumerate(candidates):
+        x0, y0, z0, x1, y1, z1 = c.bbox_ijk
+        color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
+        prefix = f"Segment{i}_"
+        img.SetMetaData(prefix + "ID", f"Nodule_{c.rank}")
+        img.SetMetaData(prefix + "Name", segment_name(c))
+        img.SetMetaData(prefix + "NameAutoGenerated", "0")
+        img.SetMetaData(prefix + "Color", " ".join(f"{v:.6f}" for v in color))
+        img.SetMetaData(prefix + "ColorAutoGenerated", "0")
+        img.SetMetaData(prefix + "Extent", f"{x0} {x1} {y0} {y1} {z0} {z1}")
+        img.SetMetaData(prefix + "Layer", "0")
+        img.SetMetaData(prefix + "LabelValue", str(c.rank))
+        img.SetMetaData(prefix + "Tags", "|".join(f"{k}:{v}" for k, v in segment_tags(c).items()) + "|")
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+CSV_COLUMNS = [
+    "id", "rank", "probability", "probability_mean",
+    "center_lps_x_mm", "center_lps_y_mm", "center_lps_z_mm",
+    "center_ras_x_mm", "center_ras_y_mm", "center_ras_z_mm",
+    "volume_mm3", "diameter_mm", "longest_axial_diameter_mm", "mean_hu", "voxels",
+]
+
+
+def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLike) -> None:
+    """One row per candidate with the columns in ``CSV_COLUMNS`` (units in the names)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for c in candidates:
+            w.writerow([
+                c.id, c.rank, f"{c.probability:.4f}", f"{c.probability_mean:.4f}",
+                *[f"{v:.2f}" for v in c.center_lps_mm], *[f"{v:.2f}" for v in c.center_ras_mm],
+                f"{c.volume_mm3:.1f}", f"{c.diameter_mm:.2f}", f"{c.longest_axial_diameter_mm:.2f}", f"{c.mean_hu:.1f}", c.voxels,
+            ])
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
+def write_overview_png(ct_hu: sitk.Image, probability: sitk.Image, labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike, max_panels: int = 4, title: str = "") -> None:
+    """Axial slices through the top candidates: CT (lung window), probability overlay, outlines, labels.
+
+    Images are shown in radiological convention (patient's right on the left, anterior up).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ct = sitk.DICOMOrient(ct_hu, "LPS")
+    prob = sitk.DICOMOrient(probability, "LPS")
+    lab = sitk.DICOMOrient(labelmap, "LPS")
+    ct_a, prob_a, lab_a = (sitk.GetArrayViewFromImage(i) for i in (ct, prob, lab))
+    sx, sy, _ = ct.GetSpacing()
+    shown = list(candidates[:max_panels])
+    n = max(1, len(shown))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    for ax, c in zip(axes[0], shown or [None]):
+        if c is None:
+            k = ct_a.shape[0] // 2
+        else:
+            k = int(round(ct.TransformPhysicalPointToContinuousIndex(c.center_lps_mm)[2]))
+            k = min(max(k, 0), ct_a.shape[0] - 1)
+        extent = (0, ct_a.shape[2] * sx, ct_a.shape[1] * sy, 0)
+        ax.imshow(ct_a[k], cmap="gray", vmin=-1350, vmax=150, extent=extent, interpolation="bilinear")
+        p = np.ma.masked_less(np.asarray(prob_a[k]), 0.1)
+        ax.imshow(p, cmap="hot", vmin=0, vmax=1, alpha=0.45, extent=extent, interpolation="nearest")
+        sl = np.asarray(lab_a[k])
+        for other in candidates:
+            if (sl == other.id).any():
+                color = SEGMENT_COLORS[(other.rank - 1) % len(SEGMENT_COLORS)]
+                ax.contour((sl == other.id).astype(float), levels=[0.5], colors=[color], linewidths=1.2, extent=extent, origin="upper")
+        if c is None:
+            ax.set_title("No candidates above the threshold", fontsize=10)
+        else:
+            ci, cj, _ = ct.TransformPhysicalPointToContinuousIndex(c.center_lps_mm)
+            ax.annotate(str(c.rank), xy=(ci * sx, cj * sy), xytext=(ci * sx + 18, cj * sy - 18), color="yellow", fontsize=11, arrowprops={"color": "yellow", "arrowstyle": "-", "lw": 1})
+            ax.set_title(f"#{c.rank}: p={c.probability:.2f}, {c.diameter_mm:.1f} mm, slice {k}", fontsize=10)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=90)
+    plt.close(fig)
