@@ -1,6 +1,6 @@
 """Reading and validating chest CT volumes (NIfTI, NRRD, MHA/MHD, DICOM series).
 
-All readers return a SimpleITK image in Hounsfield units (float32) with its
+All readers return a SimpleITK image in Hounsfield units (int16) with its
 full geometry (spacing mm, origin LPS mm, direction cosines, oblique ones
 included). Anything that is not a usable 3-D CT is refused with a
 ``ValueError`` that names the offending values and what to do.
@@ -34,7 +34,7 @@ class CTVolume:
     """A CT volume as read from disk.
 
     Attributes:
-        image: SimpleITK image, float32 HU, geometry in LPS mm.
+        image: SimpleITK image, int16 HU, geometry in LPS mm.
         path: where it was read from.
         name: short name used for output files (file name without extensions,
             or the DICOM folder's name).
@@ -92,7 +92,7 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
             :func:`validate_ct`).
 
     Returns:
-        A :class:`CTVolume` whose image is float32 HU; voxels below -1024 HU
+        A :class:`CTVolume` whose image is int16 HU; voxels below -1024 HU
         (padding outside the field of view, e.g. -2048 or -3024) are set to
         air (-1000 HU).
 
@@ -118,14 +118,17 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
         ) from exc
     if validate:
         validate_ct(image, str(p))
-    image = _to_hu_float(image)
+    image = _to_hu(image)
     return CTVolume(image=image, path=str(p), name=name, series_uid=series_uid, notes=notes)
 
 
-def _to_hu_float(image: sitk.Image) -> sitk.Image:
-    """Cast to float32 and clamp field-of-view padding to air (HU)."""
-    arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    arr[arr < _PADDING_BELOW_HU] = AIR_HU
+def _to_hu(image: sitk.Image) -> sitk.Image:
+    """Cast to int16 HU and clamp field-of-view padding (below -1024 HU) to air."""
+    arr = sitk.GetArrayFromImage(image)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.round(arr)
+    arr = np.clip(arr, -32768, 32767).astype(np.int16, copy=False)
+    arr[arr < _PADDING_BELOW_HU] = int(AIR_HU)
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(image)
     return out

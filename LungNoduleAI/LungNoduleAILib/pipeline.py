@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .candidates import Candidate, extract_candidates
+from .candidates import Candidate, drop_outside_lung, extract_candidates
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model
@@ -97,6 +97,29 @@ class DetectionResult:
         }
 
 
+def _covering_index_box(image: sitk.Image, reference: sitk.Image) -> tuple[list[int], list[int]]:
+    """Index box ``[lo, hi)`` (x, y, z) of ``reference`` that covers ``image``'s extent (plus one voxel)."""
+    size = image.GetSize()
+    corners = []
+    for i in (-0.5, size[0] - 0.5):
+        for j in (-0.5, size[1] - 0.5):
+            for k in (-0.5, size[2] - 0.5):
+                p = image.TransformContinuousIndexToPhysicalPoint((i, j, k))
+                corners.append(reference.TransformPhysicalPointToContinuousIndex(p))
+    c = np.array(corners)
+    ref_size = np.array(reference.GetSize())
+    lo = np.clip(np.floor(c.min(axis=0)).astype(int) - 1, 0, ref_size - 1)
+    hi = np.clip(np.ceil(c.max(axis=0)).astype(int) + 2, lo + 1, ref_size)
+    return lo.tolist(), hi.tolist()
+
+
+def _paste_into(sub: sitk.Image, reference: sitk.Image, lo: list[int], pixel_type: int) -> sitk.Image:
+    """A zero image on ``reference``'s grid with ``sub`` (a sub-grid starting at index ``lo``) pasted in."""
+    full = sitk.Image(reference.GetSize(), pixel_type)
+    full.CopyInformation(reference)
+    return sitk.Paste(full, sitk.Cast(sub, pixel_type), sub.GetSize(), [0, 0, 0], [int(v) for v in lo])
+
+
 class Detector:
     """Load a model once, detect nodules in many volumes.
 
@@ -152,6 +175,7 @@ class Detector:
         stage("lung mask")
         t = time.perf_counter()
         size_zyx = tuple(reversed(resampled.GetSize()))
+        crop = None
         if use_lung_mask:
             crop = lung_crop(resampled, spec.lung_margin_mm)
             if not crop.found:
@@ -172,12 +196,26 @@ class Detector:
 
         stage("candidates")
         t = time.perf_counter()
-        prob_full = np.zeros(size_zyx, np.float32)
-        prob_full[sl] = prob_crop
-        prob_img = sitk.GetImageFromArray(prob_full)
-        prob_img.CopyInformation(resampled)
-        prob_ct = resample_like(prob_img, ct.image, sitk.sitkLinear, 0.0)
-        labelmap, cands = extract_candidates(prob_ct, ct.image, threshold, spec.min_volume_mm3)
+        # Work on the part of the CT grid that the (cropped) probability covers; zero elsewhere.
+        z0, y0, x0 = (r.start for r in sl)
+        prob_crop_img = sitk.GetImageFromArray(prob_crop)
+        prob_crop_img.SetSpacing(resampled.GetSpacing())
+        prob_crop_img.SetDirection(resampled.GetDirection())
+        prob_crop_img.SetOrigin(resampled.TransformIndexToPhysicalPoint((x0, y0, z0)))
+        del prob_crop
+        lo, hi = _covering_index_box(prob_crop_img, ct.image)
+        ct_sub = ct.image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        prob_sub = resample_like(prob_crop_img, ct_sub, sitk.sitkLinear, 0.0)
+        labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, spec.min_volume_mm3)
+        if crop is not None and crop.found and spec.min_lung_fraction > 0 and cands:
+            labelmap_sub, cands, dropped = drop_outside_lung(labelmap_sub, cands, crop.mask, ct_sub, spec.min_lung_fraction)
+            if dropped:
+                log.info("Dropped %d candidate(s) outside the lungs.", dropped)
+        for c in cands:
+            c.bbox_ijk = [v + lo[i % 3] for i, v in enumerate(c.bbox_ijk)]
+            c.center_ijk = [round(v + lo[i], 3) for i, v in enumerate(c.center_ijk)]
+        prob_ct = _paste_into(prob_sub, ct.image, lo, sitk.sitkFloat32)
+        labelmap = _paste_into(labelmap_sub, ct.image, lo, sitk.sitkUInt16)
         timings["candidates"] = time.perf_counter() - t
         if progress is not None:
             progress(1, 1, "candidates")

@@ -1,0 +1,126 @@
+"""Figures for a model card: held-out cubes, and false candidates on the full scans.
+
+    .venv/bin/python Testing/Scripts/evaluate_model.py --data-dir ../shared/data [--model M.json] [--threshold P] [--output figures.json]
+
+* Validation cubes: the series the training split held out (same seed and
+  fraction as ``lungnoduleai train``); each cube runs through the full engine
+  (``Detector.detect``, whole cube, no lung crop). A nodule is found when a
+  candidate's centre lies within the nodule's radius (cubes.csv) of the
+  reference mask's centroid; every other candidate is a false one.
+* Full scans (LIDC-IDRI-0001, -0002): the LUNA16 reference nodules, whether
+  the top-ranked candidate is one, and the false candidates: all the others,
+  and those not on anything an LIDC reader marked (the ones LUNA16 would
+  count as false positives are between the two; marks of <3 mm nodules,
+  non-nodules and nodules with fewer than 3 readers are excluded there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from LungNoduleAILib.imageio import read_ct
+from LungNoduleAILib.pipeline import Detector
+from LungNoduleAILib.train import lidc_marked_points_lps
+
+
+def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dict]:
+    rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
+    uniq = sorted({r["seriesuid"] for r in rows})
+    random.Random(seed).shuffle(uniq)
+    val = set(uniq[: max(1, int(round(val_fraction * len(uniq))))])
+    return [r for r in rows if r["seriesuid"] in val]
+
+
+def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float | None, seed: int) -> dict:
+    rows = val_cubes(data_dir, seed)
+    found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
+    missed = []
+    for r in rows:
+        ct = read_ct(data_dir / "cubes" / r["image"], validate=False)
+        mask = sitk.ReadImage(str(data_dir / "cubes" / r["mask"]))
+        stats = sitk.LabelShapeStatisticsImageFilter()
+        stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
+        ref = np.array(stats.GetCentroid(1))
+        radius = float(r["diameter_mm"]) / 2
+        res = detector.detect(ct, threshold, use_lung_mask=False)
+        hits = [c for c in res.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
+        found += bool(hits)
+        others += len(res.candidates) - len(hits)
+        key = "<6mm" if float(r["diameter_mm"]) < 6 else ">=6mm"
+        by_size[key][0] += bool(hits)
+        by_size[key][1] += 1
+        if not hits:
+            missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "top_probability": max((c.probability for c in res.candidates), default=0.0)})
+    n = len(rows)
+    return {
+        "cubes": n,
+        "series": len({r["seriesuid"] for r in rows}),
+        "sensitivity": round(found / n, 4),
+        "other_candidates_per_cube": round(others / n, 3),
+        "sensitivity_by_size": {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in by_size.items()},
+        "missed": missed,
+    }
+
+
+def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float | None) -> dict:
+    path = scans / f"{case}.nii.gz"
+    ct = read_ct(path)
+    t = time.perf_counter()
+    res = detector.detect(ct, threshold)
+    seconds = time.perf_counter() - t
+    refs = [[float(row[k]) for k in ("coordX", "coordY", "coordZ", "diameter_mm")] for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))]
+    marks = lidc_marked_points_lps(scans / f"{case}.xml", sitk.ReadImage(str(path))) if (scans / f"{case}.xml").exists() else []
+
+    def hit(c, ref):
+        return np.linalg.norm(np.array(c.center_lps_mm) - np.array(ref[:3])) <= ref[3] / 2
+
+    ref_hits = [c for c in res.candidates if any(hit(c, r) for r in refs)]
+    others = [c for c in res.candidates if c not in ref_hits]
+    near_marks = [c for c in others if any(np.linalg.norm(np.array(c.center_lps_mm) - np.array(m)) <= 10.0 for m in marks)]
+    return {
+        "case": case,
+        "reference_nodules": len(refs),
+        "references_found": sum(any(hit(c, r) for c in res.candidates) for r in refs),
+        "top_candidate_is_reference": bool(res.candidates and refs and any(hit(res.candidates[0], r) for r in refs)),
+        "candidates": len(res.candidates),
+        "false_candidates": len(others),
+        "false_candidates_not_near_any_reader_mark": len(others) - len(near_marks),
+        "top5": [{"rank": c.rank, "p": round(c.probability, 3), "diameter_mm": c.diameter_mm, "lps": c.center_lps_mm} for c in res.candidates[:5]],
+        "detect_seconds": round(seconds, 1),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, type=Path)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="the training split seed")
+    ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--skip-cubes", action="store_true")
+    args = ap.parse_args(argv)
+    detector = Detector(args.model, "auto")
+    threshold = args.threshold if args.threshold is not None else detector.model.spec.threshold
+    figures = {"model": detector.model.spec.name, "version": detector.model.spec.version, "sha256": detector.model.sha256, "threshold": threshold}
+    if not args.skip_cubes:
+        figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed)
+        print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}, indent=1), flush=True)
+    figures["full_scans"] = [evaluate_scan(detector, args.data_dir / "scans", c, threshold) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
+    for s in figures["full_scans"]:
+        print(json.dumps({k: v for k, v in s.items() if k != "top5"}), flush=True)
+    if args.output:
+        args.output.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

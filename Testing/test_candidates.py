@@ -1,0 +1,86 @@
+"""Candidate extraction and measurements against analytically known spheres."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import oblique_direction
+from LungNoduleAILib.candidates import extract_candidates, longest_axial_diameter_mm
+from LungNoduleAILib.geometry import lps_to_ras, ras_to_lps
+
+SPACING = (0.7, 0.7, 1.25)
+
+
+def _spheres(specs, size=(160, 160, 100), spacing=SPACING, direction=None):
+    """Probability image with balls of given (centre index, radius mm, peak p) and a CT with 40 HU inside."""
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetSpacing(spacing)
+    img.SetOrigin((-50.0, 20.0, -100.0))
+    if direction:
+        img.SetDirection(direction)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")
+    prob = np.zeros(tuple(reversed(size)), np.float32)
+    ct = np.full(prob.shape, -850.0, np.float32)
+    for centre, radius, peak in specs:
+        d = np.sqrt(((xx - centre[0]) * spacing[0]) ** 2 + ((yy - centre[1]) * spacing[1]) ** 2 + ((zz - centre[2]) * spacing[2]) ** 2)
+        inside = d <= radius
+        prob[inside] = np.maximum(prob[inside], peak * (1 - 0.5 * d[inside] / radius))
+        ct[inside] = 40.0
+    p = sitk.GetImageFromArray(prob)
+    p.CopyInformation(img)
+    c = sitk.GetImageFromArray(ct)
+    c.CopyInformation(img)
+    return p, c
+
+
+@pytest.mark.parametrize("direction", [None, oblique_direction()])
+def test_sphere_measurements(direction):
+    specs = [((40, 40, 30), 3.0, 0.7), ((110, 60, 50), 5.0, 0.95), ((70, 120, 60), 10.0, 0.8)]
+    prob, ct = _spheres(specs, direction=direction)
+    # threshold 0.3 keeps voxels with d <= radius*(1-0.3/peak)/0.5 ... i.e. the whole ball for every peak >= 0.6
+    labelmap, cands = extract_candidates(prob, ct, threshold=0.3)
+    assert [round(c.probability, 2) for c in cands] == [0.95, 0.8, 0.7]  # ranked by probability
+    assert [c.rank for c in cands] == [1, 2, 3] and [c.id for c in cands] == [1, 2, 3]
+    voxel = math.prod(SPACING)
+    for c, (centre, radius, _) in zip(cands, [specs[1], specs[2], specs[0]]):
+        true_volume = 4.0 / 3.0 * math.pi * radius**3
+        surface = 4 * math.pi * radius**2
+        assert abs(c.volume_mm3 - true_volume) <= 0.5 * surface * max(SPACING) + voxel  # within half a voxel layer
+        assert abs(c.diameter_mm - 2 * radius) <= max(SPACING)
+        assert abs(c.longest_axial_diameter_mm - 2 * radius) <= 2 * SPACING[0]
+        expected_lps = prob.TransformIndexToPhysicalPoint(centre)
+        np.testing.assert_allclose(c.center_lps_mm, expected_lps, atol=0.01)
+        np.testing.assert_allclose(c.center_ras_mm, lps_to_ras(expected_lps), atol=0.01)
+        np.testing.assert_allclose(c.center_ijk, centre, atol=0.01)
+        assert c.mean_hu == pytest.approx(40.0)
+        # the labelmap holds the candidate under its rank at its centre voxel
+        assert labelmap[centre] == c.rank
+    assert labelmap.GetSize() == prob.GetSize() and labelmap.GetDirection() == prob.GetDirection()
+
+
+def test_min_volume_threshold_and_limits():
+    prob, ct = _spheres([((40, 40, 30), 1.0, 0.9), ((110, 60, 50), 5.0, 0.8)])
+    _, cands = extract_candidates(prob, ct, 0.3, min_volume_mm3=20.0)
+    assert len(cands) == 1 and cands[0].probability == pytest.approx(0.8)
+    _, none = extract_candidates(prob, ct, 0.95)
+    assert none == []
+    with pytest.raises(ValueError, match="outside"):
+        extract_candidates(prob, ct, 1.5)
+
+
+def test_longest_axial_diameter_of_a_rectangle():
+    mask = np.zeros((3, 20, 30), bool)
+    mask[1, 5:9, 3:23] = True  # 20 x 4 voxels at 0.5 x 1.0 mm -> diagonal of 10 mm x 4 mm
+    d = longest_axial_diameter_mm(mask, (0.5, 1.0))
+    assert d == pytest.approx(math.hypot(9.5, 3.0) + 0.5 * (9.5 / math.hypot(9.5, 3)) + 1.0 * (3 / math.hypot(9.5, 3)), rel=1e-6)
+    assert 10.0 <= d <= math.hypot(10, 4) + 0.01
+
+
+def test_lps_ras_round_trip():
+    p = [12.5, -3.0, 40.0]
+    assert lps_to_ras(p) == [-12.5, 3.0, 40.0]
+    assert ras_to_lps(lps_to_ras(p)) == p

@@ -1,0 +1,87 @@
+"""The lungnoduleai command line, end to end, as a user runs it (real processes, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import LIDC0001_NODULE_DIAMETER_MM, LIDC0001_NODULE_LPS, REPO, SAMPLE_CT
+from LungNoduleAILib.cli import ERROR_PREFIX, PROGRESS_PREFIX, RESULT_PREFIX
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "LungNoduleAILib.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_cli("demo", "--output-dir", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_demo_finds_the_sample_nodule_first(sample_run):
+    out, proc = sample_run
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        f"LIDC-IDRI-0001_sample{s}" for s in ["_probability.nrrd", "_candidates.nrrd", ".seg.nrrd", "_nodules.csv", "_nodules.json", "_overview.png"]
+    )
+    report = json.loads((out / "LIDC-IDRI-0001_sample_nodules.json").read_text())
+    top = report["candidates"][0]
+    distance = np.linalg.norm(np.array(top["center_lps_mm"]) - np.array(LIDC0001_NODULE_LPS))
+    assert distance <= LIDC0001_NODULE_DIAMETER_MM / 2, report["candidates"][:3]
+    assert "candidate(s)" in proc.stdout and "outputs in" in proc.stdout
+    # the labelmap's label 1 sits on the reference nodule
+    lab = sitk.ReadImage(str(out / "LIDC-IDRI-0001_sample_candidates.nrrd"))
+    idx = lab.TransformPhysicalPointToIndex(LIDC0001_NODULE_LPS)
+    assert lab[idx] == 1
+
+
+def test_batch_with_a_bad_input_processes_the_others(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    small = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (20, 64, 64)).astype(np.uint8))
+    sitk.WriteImage(small, str(tmp_path / "eightbit.nrrd"))
+    out = tmp_path / "out"
+    proc = run_cli("detect", bad, tmp_path / "eightbit.nrrd", SAMPLE_CT, tmp_path / "missing.nii.gz", "--output-dir", out, "--device", "cpu", "--progress-lines")
+    assert proc.returncode == 1
+    assert "broken.nii.gz" in proc.stderr and "8-bit" in proc.stderr and "does not exist" in proc.stderr
+    assert "3 of 4 inputs failed" in proc.stderr
+    assert (out / "LIDC-IDRI-0001_sample_nodules.json").exists()
+    assert not (out / "broken_nodules.json").exists()
+    lines = proc.stdout.splitlines()
+    progress = [json.loads(line[len(PROGRESS_PREFIX):]) for line in lines if line.startswith(PROGRESS_PREFIX)]
+    assert progress and {"stage", "fraction", "done", "total", "input"} <= set(progress[0])
+    fractions = [p["fraction"] for p in progress if p["input"] == 2]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in lines if line.startswith(RESULT_PREFIX)]
+    assert len(results) == 1 and results[0]["json"].endswith("LIDC-IDRI-0001_sample_nodules.json")
+    errors = [json.loads(line[len(ERROR_PREFIX):]) for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 3
+
+
+def test_existing_outputs_need_overwrite(sample_run):
+    out, _ = sample_run
+    before = (out / "LIDC-IDRI-0001_sample_nodules.json").read_text()
+    proc = run_cli("detect", SAMPLE_CT, "--output-dir", out, "--device", "cpu")
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr
+    assert (out / "LIDC-IDRI-0001_sample_nodules.json").read_text() == before
+
+
+def test_bad_options_are_refused():
+    proc = run_cli("detect", SAMPLE_CT, "--output-dir", "x", "--threshold", "3")
+    assert proc.returncode == 2 and "--threshold 3.0 is outside (0, 1)" in proc.stderr
+    proc = run_cli("detect", SAMPLE_CT, "--output-dir", "x", "--model", "/nonexistent/model.json")
+    assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_help_lists_every_command():
+    proc = run_cli("--help")
+    for cmd in ("detect", "demo", "train", "pack"):
+        assert cmd in proc.stdout

@@ -1,0 +1,66 @@
+"""The training command on real (few) data: it trains, saves, and the result loads and runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import shared
+from LungNoduleAILib.model import ModelSpec, load_model
+from LungNoduleAILib.train import PatchSampler, cube_detection_stats, load_pack, prepare_training_data, save_pack, train
+
+TINY = {"channels": [4, 8, 16, 32, 64], "strides": [2, 2, 2, 2], "num_res_units": 0, "norm": "batch"}
+
+
+@pytest.fixture(scope="module")
+def few_cubes():
+    data_dir = shared("cubes", "cubes.csv").parents[1]
+    return prepare_training_data(data_dir, ModelSpec(), scan_names=(), max_cubes=24, seed=1)
+
+
+def test_split_is_by_series(few_cubes):
+    train_series = set(few_cubes.series[~few_cubes.is_val])
+    val_series = set(few_cubes.series[few_cubes.is_val])
+    assert val_series and train_series and not (train_series & val_series)
+
+
+def test_sampler_patches_contain_pasted_and_real_nodules(few_cubes):
+    sampler = PatchSampler(few_cubes, 48, seed=0, lung_max_u8=91)
+    patches = [sampler.sample() for _ in range(60)]
+    assert all(v.shape == (48, 48, 48) and l.shape == (48, 48, 48) for v, l in patches)
+    labelled = sum(1 for _, l in patches if l.any())
+    assert 20 <= labelled <= 55  # both positives and negatives
+    assert all(set(np.unique(l)) <= {0, 1} for _, l in patches)
+
+
+def test_pack_round_trip(tmp_path, few_cubes):
+    save_pack(few_cubes, tmp_path / "pack.npz")
+    back = load_pack(tmp_path / "pack.npz")
+    np.testing.assert_array_equal(back.cubes, few_cubes.cubes)
+    np.testing.assert_array_equal(back.is_val, few_cubes.is_val)
+    assert back.meta == few_cubes.meta
+
+
+def test_train_saves_a_loadable_model_with_its_record(tmp_path, few_cubes):
+    spec = ModelSpec(architecture=TINY)
+    record = train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test")
+    assert record["best_validation"]["val_cubes"] == int(few_cubes.is_val.sum())
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["training"]["seed"] == 0 and meta["training"]["data"]["cubes"] == 24
+    assert len(meta["training"]["history"]) == 2
+    model = load_model(tmp_path / "m.json", "cpu")
+    assert model.spec.architecture == TINY
+    assert (tmp_path / "m_training_log.jsonl").exists()
+
+
+def test_cube_detection_stats():
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[8:12, 8:12, 8:12] = 1
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[8:12, 8:12, 8:12] = 0.9  # on the nodule
+    prob[0:3, 0:3, 0:3] = 0.8  # elsewhere
+    assert cube_detection_stats(prob, mask, 4.0, 0.5, 1) == (True, 1)
+    assert cube_detection_stats(prob, mask, 4.0, 0.85, 1) == (True, 0)
+    assert cube_detection_stats(prob * 0, mask, 4.0, 0.5, 1) == (False, 0)
