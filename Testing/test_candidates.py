@@ -84,3 +84,21 @@ def test_lps_ras_round_trip():
     p = [12.5, -3.0, 40.0]
     assert lps_to_ras(p) == [-12.5, 3.0, 40.0]
     assert ras_to_lps(lps_to_ras(p)) == p
+
+
+def test_ijk_to_ras_matrix_round_trip():
+    import SimpleITK as sitk
+
+    from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
+
+    img = sitk.Image(8, 9, 10, sitk.sitkInt16)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    img.SetDirection(oblique_direction())
+    m = ijk_to_ras_matrix(img)
+    ijk = np.array([3.0, 4.0, 5.0, 1.0])
+    np.testing.assert_allclose((m @ ijk)[:3], lps_to_ras(img.TransformContinuousIndexToPhysicalPoint(ijk[:3].tolist())), atol=1e-9)
+    origin, spacing, direction = geometry_from_ijk_to_ras(m)
+    np.testing.assert_allclose(origin, img.GetOrigin())
+    np.testing.assert_allclose(spacing, img.GetSpacing())
+    np.testing.assert_allclose(direction, img.GetDirection(), atol=1e-12)

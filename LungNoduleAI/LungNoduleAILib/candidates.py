@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from .geometry import lps_to_ras
 
-__all__ = ["Candidate", "extract_candidates", "measure_candidates", "longest_axial_diameter_mm", "drop_outside_lung"]
+__all__ = ["Candidate", "extract_candidates", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung"]
 
 
 @dataclass
@@ -181,41 +181,20 @@ def extract_candidates(
     return labelmap, raw
 
 
-def drop_outside_lung(
-    labelmap: sitk.Image, candidates: list[Candidate], lung_mask: sitk.Image, ct_hu: sitk.Image, min_fraction: float, dilate_mm: float = 4.0
-) -> tuple[sitk.Image, list[Candidate], int]:
-    """Drop candidates with less than ``min_fraction`` of their voxels in the (dilated) lung mask.
+def restrict_to_lung(probability: sitk.Image, lung_mask: sitk.Image, dilate_mm: float = 4.0) -> sitk.Image:
+    """Zero the probability outside the (closed, dilated) lung mask.
 
     The lung mask is closed so that nodules inside the lung and those attached
-    to the pleura lie in it; this removes candidates in the mediastinum, the
-    chest wall or the abdomen. The kept candidates are re-ranked 1..N.
+    to the pleura lie in it; this removes responses in the mediastinum, the
+    chest wall or the abdomen. Thresholding the returned map gives the
+    candidates, so re-thresholding a stored map later gives the same ones.
 
     Args:
-        labelmap: candidates labelmap on the CT grid (label = rank).
-        candidates: ranked candidates.
+        probability: float probabilities (0-1) on some grid.
         lung_mask: uint8 lung mask on any grid (physical space, LPS mm).
-        ct_hu: the CT (target grid).
-        min_fraction: fraction of voxels (0-1) that must lie in the lung.
         dilate_mm: the mask is dilated by this much first (mm).
-
-    Returns:
-        ``(labelmap, candidates, number_dropped)``.
     """
     radius = [max(1, int(round(dilate_mm / s))) for s in lung_mask.GetSpacing()]
     mask = sitk.BinaryDilate(lung_mask, radius, sitk.sitkBall)
-    mask_ct = sitk.Resample(mask, ct_hu, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    stats = sitk.LabelStatisticsImageFilter()
-    stats.Execute(mask_ct, sitk.Cast(labelmap, sitk.sitkUInt32))
-    keep = [c for c in candidates if stats.HasLabel(c.id) and stats.GetMean(c.id) >= min_fraction]
-    dropped = len(candidates) - len(keep)
-    if not dropped:
-        return labelmap, candidates, 0
-    lut = np.zeros(max(c.id for c in candidates) + 1, np.uint16)
-    for rank, c in enumerate(keep, start=1):
-        lut[c.id] = rank
-    arr = lut[sitk.GetArrayViewFromImage(labelmap)]
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(labelmap)
-    for rank, c in enumerate(keep, start=1):
-        c.id = c.rank = rank
-    return out, keep, dropped
+    mask_on_grid = sitk.Resample(mask, probability, sitk.Transform(), sitk.sitkNearestNeighbor, 0, probability.GetPixelID())
+    return probability * mask_on_grid

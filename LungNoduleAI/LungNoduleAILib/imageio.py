@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["CTVolume", "read_ct", "validate_ct", "AIR_HU", "MIN_SLICES"]
+__all__ = ["CTVolume", "read_ct", "validate_ct", "to_hu", "AIR_HU", "MIN_SLICES"]
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,11 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
         ) from exc
     if validate:
         validate_ct(image, str(p))
-    image = _to_hu(image)
+    image = to_hu(image)
     return CTVolume(image=image, path=str(p), name=name, series_uid=series_uid, notes=notes)
 
 
-def _to_hu(image: sitk.Image) -> sitk.Image:
+def to_hu(image: sitk.Image) -> sitk.Image:
     """Cast to int16 HU and clamp field-of-view padding (below -1024 HU) to air."""
     arr = sitk.GetArrayFromImage(image)
     if np.issubdtype(arr.dtype, np.floating):

@@ -44,8 +44,8 @@ class ModelSpec:
         threshold: default probability threshold for candidates.
         min_volume_mm3: candidates smaller than this are dropped.
         lung_margin_mm: margin around the lung bounding box.
-        min_lung_fraction: candidates with a smaller fraction of their voxels in the
-            (closed, dilated) lung mask are dropped (0 keeps all).
+        restrict_to_lung: zero the probability outside the (closed, dilated) lung
+            mask when a lung was found.
         training: free-form training record (data, command, seed, metrics).
     """
 
@@ -62,7 +62,7 @@ class ModelSpec:
     threshold: float = 0.5
     min_volume_mm3: float = 5.0
     lung_margin_mm: float = 10.0
-    min_lung_fraction: float = 0.25
+    restrict_to_lung: bool = True
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .candidates import Candidate, drop_outside_lung, extract_candidates
+from .candidates import Candidate, extract_candidates, restrict_to_lung
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model
@@ -206,11 +206,9 @@ class Detector:
         lo, hi = _covering_index_box(prob_crop_img, ct.image)
         ct_sub = ct.image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         prob_sub = resample_like(prob_crop_img, ct_sub, sitk.sitkLinear, 0.0)
+        if crop is not None and crop.found and spec.restrict_to_lung:
+            prob_sub = restrict_to_lung(prob_sub, crop.mask)
         labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, spec.min_volume_mm3)
-        if crop is not None and crop.found and spec.min_lung_fraction > 0 and cands:
-            labelmap_sub, cands, dropped = drop_outside_lung(labelmap_sub, cands, crop.mask, ct_sub, spec.min_lung_fraction)
-            if dropped:
-                log.info("Dropped %d candidate(s) outside the lungs.", dropped)
         for c in cands:
             c.bbox_ijk = [v + lo[i % 3] for i, v in enumerate(c.bbox_ijk)]
             c.center_ijk = [round(v + lo[i], 3) for i, v in enumerate(c.center_ijk)]

@@ -1,0 +1,638 @@
+"""MRML bridge of LungNoduleAI: Slicer nodes <-> engine arrays.
+
+Imports ``slicer`` (MRML, VTK) but never ``qt`` or ScriptedLoadableModule, so
+it runs inside 3D Slicer and headless with the ``slicer-core`` wheel. Every
+method takes or reaches the scene through ``LungNoduleAILogic.scene``.
+
+Review statuses (``pending``, ``accepted``, ``rejected``, ``flagged``) are
+stored on each segment twice: as Slicer's own segment status
+(``Segmentation.Status``: not started / completed / flagged) and as our tag
+``LungNoduleAI.ReviewStatus`` with the reviewer and the ISO time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from LungNoduleAILib.candidates import Candidate, extract_candidates, measure_candidates
+from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
+from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
+from LungNoduleAILib.writers import (
+    SEGMENT_COLORS,
+    read_probability,
+    segment_name,
+    segment_tags,
+    write_candidates_csv,
+    write_json,
+    write_segmentation_labelmap,
+)
+
+__all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
+
+REVIEW_STATUSES = ("pending", "accepted", "rejected", "flagged")
+EXPORT_FORMATS = ("seg.nrrd", "nii.gz", "csv", "json")
+
+TAG_REVIEW = "LungNoduleAI.ReviewStatus"
+TAG_REVIEWER = "LungNoduleAI.Reviewer"
+TAG_REVIEW_TIME = "LungNoduleAI.ReviewTime"
+TAG_DETECTED = "LungNoduleAI.DetectedMaskSha1"
+TAG_PROBABILITY = "LungNoduleAI.Probability"
+TAG_RANK = "LungNoduleAI.Rank"
+
+KNOWN_TAGS = (
+    "Segmentation.Status",
+    "TerminologyEntry",
+    TAG_RANK,
+    TAG_PROBABILITY,
+    "LungNoduleAI.DiameterMm",
+    "LungNoduleAI.LongestAxialDiameterMm",
+    "LungNoduleAI.VolumeMm3",
+    "LungNoduleAI.CenterRAS",
+    TAG_REVIEW,
+    TAG_REVIEWER,
+    TAG_REVIEW_TIME,
+    TAG_DETECTED,
+)
+"""Segment tags carried into exported .seg.nrrd files (vtkSegment cannot list its tags)."""
+
+REF_PROBABILITY = "LungNoduleAI.Probability"
+REF_LABELMAP = "LungNoduleAI.Labelmap"
+REF_TABLE = "LungNoduleAI.Table"
+REF_VOLUME = "LungNoduleAI.SourceVolume"
+ATTR_THRESHOLD = "LungNoduleAI.Threshold"
+ATTR_MODEL = "LungNoduleAI.Model"
+
+TABLE_COLUMNS = [
+    ("rank", "Rank", "int"),
+    ("probability", "Probability", "double"),
+    ("diameter_mm", "Diameter (mm)", "double"),
+    ("volume_mm3", "Volume (mm3)", "double"),
+    ("status", "Status", "string"),
+    ("segment_id", "Segment ID", "string"),
+    ("center_r", "R (mm)", "double"),
+    ("center_a", "A (mm)", "double"),
+    ("center_s", "S (mm)", "double"),
+]
+
+
+@dataclass
+class LungNoduleAIResult:
+    """Nodes made by one detection, and its candidates (engine dictionaries, JSON contract)."""
+
+    probabilityNode: object
+    labelmapNode: object
+    segmentationNode: object
+    tableNode: object
+    candidates: list = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def _segmentationsLogic():
+    """The Segmentations module logic: Slicer's own when running in Slicer, else a new one (static methods)."""
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "segmentations"):
+        return modules.segmentations.logic()
+    return slicer.vtkSlicerSegmentationsModuleLogic
+
+
+def _maskSha1(mask: np.ndarray, bbox: Sequence[int]) -> str:
+    h = hashlib.sha1(np.asarray(bbox, dtype=np.int64).tobytes())
+    h.update(np.packbits(mask.astype(bool)).tobytes())
+    return h.hexdigest()
+
+
+class LungNoduleAILogic:
+    """Detection, review and export on MRML nodes.
+
+    Args:
+        scene: the MRML scene (default: ``slicer.mrmlScene`` inside Slicer).
+        modelPath: model metadata JSON (default: the bundled model).
+    """
+
+    def __init__(self, scene=None, modelPath: str | None = None):
+        if scene is None:
+            scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise ValueError("No MRML scene: pass scene=slicer.vtkMRMLScene() when running outside Slicer.")
+        self.scene = scene
+        self.modelPath = modelPath
+        self._detectors: dict = {}
+
+    # ------------------------------------------------------------------ conversions
+
+    @staticmethod
+    def _matrixToArray(matrix) -> np.ndarray:
+        return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    @staticmethod
+    def _arrayToMatrix(array: np.ndarray):
+        m = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(array[r, c]))
+        return m
+
+    def imageFromVolume(self, volumeNode) -> sitk.Image:
+        """A SimpleITK image (LPS geometry) with the voxels of a scalar volume node."""
+        self._checkCTVolume(volumeNode)
+        arr = slicer.util.arrayFromVolume(volumeNode)
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        origin, spacing, direction = geometry_from_ijk_to_ras(self._matrixToArray(m))
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+        img.SetOrigin(origin)
+        img.SetSpacing(spacing)
+        img.SetDirection(direction)
+        return img
+
+    def _updateVolumeFromImage(self, node, image: sitk.Image) -> None:
+        slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+        node.SetIJKToRASMatrix(self._arrayToMatrix(ijk_to_ras_matrix(image)))
+
+    def _checkCTVolume(self, volumeNode) -> None:
+        if volumeNode is None:
+            raise ValueError("No input volume selected: select the chest CT volume.")
+        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode") or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError(f"'{volumeNode.GetName()}' is a {volumeNode.GetClassName()}, not a CT: select a scalar (CT) volume.")
+        image = volumeNode.GetImageData()
+        if image is None:
+            raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels.")
+        if image.GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"Volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; a single-channel CT is needed.")
+
+    def ctFromVolume(self, volumeNode) -> CTVolume:
+        """The engine's CT (int16 HU) from a volume node; refuses what is not a CT (``ValueError``)."""
+        image = self.imageFromVolume(volumeNode)
+        validate_ct(image, f"Volume '{volumeNode.GetName()}'")
+        return CTVolume(image=to_hu(image), path=volumeNode.GetName(), name=volumeNode.GetName())
+
+    # ------------------------------------------------------------------ detection
+
+    def _detector(self, device: str):
+        from LungNoduleAILib.pipeline import Detector
+
+        key = (self.modelPath, device)
+        if key not in self._detectors:
+            self._detectors[key] = Detector(self.modelPath, device)
+        return self._detectors[key]
+
+    def detect(
+        self,
+        volumeNode,
+        device: str = "auto",
+        threshold: float | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+        shouldCancel: Callable[[], bool] | None = None,
+        useLungMask: bool = True,
+    ) -> LungNoduleAIResult:
+        """Run the engine in this process on ``volumeNode`` and add its results to the scene.
+
+        Raises:
+            ValueError: the volume is missing or not a CT, or a bad threshold.
+            LungNoduleAILib.inference.DetectionCancelled: ``shouldCancel()`` returned True (the scene is unchanged).
+        """
+        ct = self.ctFromVolume(volumeNode)
+        detector = self._detector(device)
+        result = detector.detect(ct, threshold, useLungMask, progress, shouldCancel)
+        report = result.report(detector.model)
+        return self._addResultNodes(volumeNode, result.probability, result.labelmap, [c.to_dict() for c in result.candidates], report)
+
+    def importResults(self, volumeNode, outputDir: str) -> LungNoduleAIResult:
+        """Import what ``lungnoduleai detect`` wrote into ``outputDir`` for ``volumeNode``.
+
+        Raises:
+            ValueError: no or several result sets in the folder, or they do not fit the volume's grid.
+        """
+        self._checkCTVolume(volumeNode)
+        reports = sorted(Path(outputDir).glob("*_nodules.json"))
+        if len(reports) != 1:
+            raise ValueError(f"Expected one *_nodules.json in '{outputDir}', found {len(reports)}: {[p.name for p in reports]}.")
+        report = json.loads(reports[0].read_text(encoding="utf-8"))
+        files = {kind: reports[0].with_name(reports[0].name.replace("_nodules.json", suffix)) for kind, suffix in (("probability", "_probability.nrrd"), ("labelmap", "_candidates.nrrd"))}
+        missing = [str(p) for p in files.values() if not p.exists()]
+        if missing:
+            raise ValueError(f"Result file(s) {', '.join(missing)} missing next to '{reports[0]}'.")
+        probability = read_probability(files["probability"])
+        labelmap = sitk.ReadImage(str(files["labelmap"]))
+        ct = self.imageFromVolume(volumeNode)
+        if probability.GetSize() != ct.GetSize() or not np.allclose(probability.GetOrigin(), ct.GetOrigin(), atol=1e-3):
+            raise ValueError(
+                f"Results in '{outputDir}' are for a {list(probability.GetSize())} grid at {list(probability.GetOrigin())}, "
+                f"not for volume '{volumeNode.GetName()}' ({list(ct.GetSize())} at {list(ct.GetOrigin())})."
+            )
+        return self._addResultNodes(volumeNode, probability, labelmap, report["candidates"], report)
+
+    # ------------------------------------------------------------------ nodes
+
+    def _probabilityColorNode(self):
+        name = "LungNoduleAI probability"
+        node = self.scene.GetFirstNodeByName(name)
+        if node is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+            node.SetTypeToUser()
+            node.SetNumberOfColors(256)
+            for i in range(256):
+                t = i / 255.0
+                # dark red -> red -> yellow -> white ("hot"), transparent at 0
+                r, g, b = min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2))
+                node.SetColor(i, f"p={t:.2f}", r, g, b, 0.0 if i == 0 else 1.0)
+            node.SetAttribute("Category", "LungNoduleAI")
+        return node
+
+    def _addResultNodes(self, volumeNode, probability: sitk.Image, labelmap: sitk.Image, candidates: list[dict], report: dict) -> LungNoduleAIResult:
+        baseName = volumeNode.GetName()
+        threshold = float(report.get("threshold", 0.5))
+        transformId = volumeNode.GetTransformNodeID()
+
+        probNode = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(f"{baseName} nodule probability"))
+        self._updateVolumeFromImage(probNode, sitk.Cast(probability, sitk.sitkFloat32))
+        probNode.CreateDefaultDisplayNodes()
+        display = probNode.GetDisplayNode()
+        display.SetAndObserveColorNodeID(self._probabilityColorNode().GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetApplyThreshold(True)
+        display.SetLowerThreshold(threshold)
+        display.SetUpperThreshold(1.0)
+
+        labelNode = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", self.scene.GenerateUniqueName(f"{baseName} nodule candidates"))
+        self._updateVolumeFromImage(labelNode, sitk.Cast(labelmap, sitk.sitkUInt16))
+
+        segNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(f"{baseName} nodules"))
+        segNode.CreateDefaultDisplayNodes()
+        segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        labelArr = sitk.GetArrayViewFromImage(labelmap)
+        for i, cand in enumerate(candidates):
+            self._addCandidateSegment(segNode, labelmap, labelArr, cand, i)
+
+        tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName(f"{baseName} nodule candidates table"))
+        for node in (probNode, labelNode, segNode, tableNode):
+            if transformId:
+                node.SetAndObserveTransformNodeID(transformId)
+        segNode.SetNodeReferenceID(REF_PROBABILITY, probNode.GetID())
+        segNode.SetNodeReferenceID(REF_LABELMAP, labelNode.GetID())
+        segNode.SetNodeReferenceID(REF_TABLE, tableNode.GetID())
+        segNode.SetNodeReferenceID(REF_VOLUME, volumeNode.GetID())
+        segNode.SetAttribute(ATTR_THRESHOLD, str(threshold))
+        segNode.SetAttribute(ATTR_MODEL, json.dumps(report.get("model", {})))
+        self.updateTable(segNode)
+        return LungNoduleAIResult(probNode, labelNode, segNode, tableNode, candidates, report)
+
+    def _addCandidateSegment(self, segNode, labelmap: sitk.Image, labelArr: np.ndarray, cand: dict, index: int) -> str:
+        i0, j0, k0, i1, j1, k1 = cand["bbox_ijk"]
+        mask = (np.asarray(labelArr[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]) == cand["rank"]).astype(np.uint8)
+        oriented = slicer.vtkOrientedImageData()
+        oriented.SetExtent(i0, i1, j0, j1, k0, k1)
+        oriented.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        from vtk.util import numpy_support
+
+        flat = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())
+        flat[:] = mask.ravel()
+        oriented.SetImageToWorldMatrix(self._arrayToMatrix(ijk_to_ras_matrix(labelmap)))
+        color = SEGMENT_COLORS[index % len(SEGMENT_COLORS)]
+        c = Candidate(**{k: cand[k] for k in Candidate.__dataclass_fields__})
+        segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, segment_name(c), color)
+        segment = segNode.GetSegmentation().GetSegment(segmentId)
+        for key, value in segment_tags(c).items():
+            segment.SetTag(key, value)
+        segment.SetTag(TAG_DETECTED, _maskSha1(mask, cand["bbox_ijk"]))
+        segment.SetTag("LungNoduleAI.CenterRAS", " ".join(f"{v:.2f}" for v in cand["center_ras_mm"]))
+        _segmentationsLogic().SetSegmentStatus(segment, slicer.vtkSlicerSegmentationsModuleLogic.NotStarted)
+        return segmentId
+
+    def updateTable(self, segmentationNode) -> None:
+        """Refill the candidates table of ``segmentationNode`` from its segments (rank order)."""
+        tableNode = segmentationNode.GetNodeReference(REF_TABLE)
+        if tableNode is None:
+            return
+        table = tableNode.GetTable()
+        wasModifying = tableNode.StartModify()
+        tableNode.RemoveAllColumns()
+        for machine, title, kind in TABLE_COLUMNS:
+            col = tableNode.AddColumn(vtk.vtkStringArray() if kind == "string" else (vtk.vtkIntArray() if kind == "int" else vtk.vtkDoubleArray()))
+            col.SetName(machine)
+            tableNode.SetColumnTitle(machine, title)
+        rows = []
+        segmentation = segmentationNode.GetSegmentation()
+        for segmentId in self.candidateSegmentIds(segmentationNode):
+            seg = segmentation.GetSegment(segmentId)
+            center = [float(v) for v in (self._tag(seg, "LungNoduleAI.CenterRAS") or "0 0 0").split()]
+            rows.append(
+                [
+                    int(self._tag(seg, TAG_RANK) or 0),
+                    float(self._tag(seg, TAG_PROBABILITY) or 0.0),
+                    float(self._tag(seg, "LungNoduleAI.DiameterMm") or 0.0),
+                    float(self._tag(seg, "LungNoduleAI.VolumeMm3") or 0.0),
+                    self._tag(seg, TAG_REVIEW) or "pending",
+                    segmentId,
+                    *center,
+                ]
+            )
+        table.SetNumberOfRows(len(rows))
+        for r, row in enumerate(rows):
+            for c, value in enumerate(row):
+                table.GetColumn(c).SetValue(r, value)
+        table.Modified()
+        tableNode.EndModify(wasModifying)
+
+    @staticmethod
+    def _tag(segment, key: str) -> str | None:
+        value = vtk.mutable("")
+        return str(value) if segment.GetTag(key, value) else None
+
+    def candidateSegmentIds(self, segmentationNode) -> list[str]:
+        """Segment IDs of the candidates in rank order (segments without a rank come last, in order)."""
+        segmentation = segmentationNode.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+        def key(sid):
+            rank = self._tag(segmentation.GetSegment(sid), TAG_RANK)
+            return (0, int(rank)) if rank else (1, ids.index(sid))
+
+        return sorted(ids, key=key)
+
+    # ------------------------------------------------------------------ review
+
+    def _segment(self, segmentationNode, segmentId: str):
+        if segmentationNode is None:
+            raise ValueError("No segmentation given.")
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise ValueError(f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'.")
+        return segment
+
+    def setCandidateStatus(self, segmentationNode, segmentId: str, status: str, reviewer: str | None = None) -> None:
+        """Record a review decision: ``pending``, ``accepted``, ``rejected`` or ``flagged``.
+
+        Stored as Slicer's segment status (not started / completed / completed / flagged)
+        and as tags with our status, the reviewer (``reviewer``, else the login name)
+        and the ISO time. Rejected candidates are hidden, not deleted.
+        """
+        if status not in REVIEW_STATUSES:
+            raise ValueError(f"Unknown review status '{status}': use one of {', '.join(REVIEW_STATUSES)}.")
+        segment = self._segment(segmentationNode, segmentId)
+        L = slicer.vtkSlicerSegmentationsModuleLogic
+        slicerStatus = {"pending": L.NotStarted, "accepted": L.Completed, "rejected": L.Completed, "flagged": L.Flagged}[status]
+        _segmentationsLogic().SetSegmentStatus(segment, slicerStatus)
+        segment.SetTag(TAG_REVIEW, status)
+        if reviewer is None:
+            try:
+                reviewer = getpass.getuser()
+            except Exception:  # no login name (some containers)
+                reviewer = ""
+        segment.SetTag(TAG_REVIEWER, reviewer)
+        segment.SetTag(TAG_REVIEW_TIME, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        display = segmentationNode.GetDisplayNode()
+        if display is not None:
+            display.SetSegmentVisibility(segmentId, status != "rejected")
+        self.updateTable(segmentationNode)
+
+    def candidateStatus(self, segmentationNode, segmentId: str) -> str:
+        """Our review status of a segment (``pending`` when never reviewed)."""
+        segment = self._segment(segmentationNode, segmentId)
+        status = self._tag(segment, TAG_REVIEW)
+        if status in REVIEW_STATUSES:
+            return status
+        # a segment made or edited by hand: derive from Slicer's status
+        L = slicer.vtkSlicerSegmentationsModuleLogic
+        return {L.Completed: "accepted", L.Flagged: "flagged"}.get(L.GetSegmentStatus(segment), "pending")
+
+    def isEdited(self, segmentationNode, segmentId: str) -> bool:
+        """Whether a candidate's voxels differ from what the detector produced."""
+        segment = self._segment(segmentationNode, segmentId)
+        detected = self._tag(segment, TAG_DETECTED)
+        if detected is None:
+            return True  # not made by the detector
+        arr, bbox = self._segmentMask(segmentationNode, segmentId)
+        return _maskSha1(arr, bbox) != detected
+
+    def _segmentMask(self, segmentationNode, segmentId: str) -> tuple[np.ndarray, list[int]]:
+        """The segment's voxels cropped to their bounding box ``[i0, j0, k0, i1, j1, k1]`` (segmentation's own grid)."""
+        from vtk.util import numpy_support
+
+        oriented = slicer.vtkOrientedImageData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, oriented, False)
+        ext = oriented.GetExtent()
+        if ext[0] > ext[1] or oriented.GetPointData().GetScalars() is None:
+            return np.zeros((0, 0, 0), np.uint8), [0, 0, 0, -1, -1, -1]
+        dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+        arr = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(dims) > 0
+        nz = np.argwhere(arr)
+        if nz.size == 0:
+            return np.zeros((0, 0, 0), np.uint8), [0, 0, 0, -1, -1, -1]
+        (k0, j0, i0), (k1, j1, i1) = nz.min(0), nz.max(0)
+        crop = arr[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1].astype(np.uint8)
+        return crop, [int(i0 + ext[0]), int(j0 + ext[2]), int(k0 + ext[4]), int(i1 + ext[0]), int(j1 + ext[2]), int(k1 + ext[4])]
+
+    def _segmentArrayOnVolume(self, segmentationNode, segmentIds: list[str], volumeNode) -> np.ndarray:
+        """Label array ``(k, j, i)`` on ``volumeNode``'s grid: value n = n-th of ``segmentIds`` (resampled by Slicer)."""
+        labelNode = slicer.vtkMRMLLabelMapVolumeNode()
+        self.scene.AddNode(labelNode)
+        try:
+            ids = vtk.vtkStringArray()
+            for sid in segmentIds:
+                ids.InsertNextValue(sid)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelNode, volumeNode):
+                raise ValueError(f"Could not export segments of '{segmentationNode.GetName()}' onto volume '{volumeNode.GetName()}'.")
+            return self._labelImage(labelNode)
+        finally:
+            self.scene.RemoveNode(labelNode)
+
+    # ------------------------------------------------------------------ threshold
+
+    def rethreshold(self, segmentationNode, threshold: float) -> list[str]:
+        """Re-derive candidates from the stored probability map at a new threshold.
+
+        Candidates the user reviewed (not pending) or edited are kept untouched;
+        pending, unedited ones are replaced by the new threshold's candidates
+        that do not overlap a kept one. No network run. Returns the new segment IDs.
+        """
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"Threshold {threshold} is outside (0, 1).")
+        probNode = segmentationNode.GetNodeReference(REF_PROBABILITY)
+        volume = segmentationNode.GetNodeReference(REF_VOLUME)
+        if probNode is None or volume is None:
+            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no stored probability map or source volume: run Detect first.")
+        probability = self.imageFromVolume(probNode)
+        ct = self.imageFromVolume(volume)
+        segmentation = segmentationNode.GetSegmentation()
+        kept = []
+        for sid in self.candidateSegmentIds(segmentationNode):
+            if self.candidateStatus(segmentationNode, sid) == "pending" and not self.isEdited(segmentationNode, sid):
+                segmentation.RemoveSegment(sid)
+            else:
+                kept.append(sid)
+        keptMask = sitk.GetArrayViewFromImage(self._segmentArrayOnVolume(segmentationNode, kept, volume)) > 0 if kept else np.zeros(tuple(reversed(ct.GetSize())), bool)
+        labelmap, found = extract_candidates(probability, ct, threshold, self._detectorSpecMinVolume())
+        labelArr = sitk.GetArrayViewFromImage(labelmap)
+        newIds = []
+        rank = max([int(self._tag(segmentation.GetSegment(s), TAG_RANK) or 0) for s in kept] + [0])
+        for cand in found:
+            if keptMask[labelArr == cand.id].any():
+                continue
+            rank += 1
+            d = cand.to_dict()
+            old = d["rank"]
+            d["rank"] = d["id"] = rank
+            relabeled = np.where(np.asarray(labelArr) == old, rank, 0).astype(np.uint16)
+            newIds.append(self._addCandidateSegment(segmentationNode, labelmap, relabeled, d, rank - 1))
+        segmentationNode.SetAttribute(ATTR_THRESHOLD, str(threshold))
+        if probNode.GetDisplayNode() is not None:
+            probNode.GetDisplayNode().SetLowerThreshold(threshold)
+        self.updateTable(segmentationNode)
+        return newIds
+
+    def _detectorSpecMinVolume(self) -> float:
+        from LungNoduleAILib.model import ModelSpec, default_model_path
+
+        path = Path(self.modelPath) if self.modelPath else default_model_path()
+        return ModelSpec.from_json(path).min_volume_mm3 if path.exists() else 0.0
+
+    # ------------------------------------------------------------------ export
+
+    def exportReviewed(
+        self,
+        segmentationNode,
+        referenceVolumeNode,
+        outputDir: str,
+        formats: Sequence[str] = EXPORT_FORMATS,
+        includePending: bool = False,
+        overwrite: bool = False,
+    ) -> list[str]:
+        """Export the accepted candidates as the annotator left them.
+
+        Segments are exported in ``referenceVolumeNode``'s geometry with their
+        measurements recomputed from the edited voxels; rejected ones are left
+        out; pending and flagged ones are refused unless ``includePending``.
+
+        Files (``<volume>`` = the reference volume's name): ``<volume>_reviewed.seg.nrrd``,
+        ``<volume>_reviewed_labels.nii.gz`` (label i = i-th exported nodule),
+        ``<volume>_reviewed_nodules.csv`` and ``.json``.
+
+        Returns:
+            Paths of the written files.
+
+        Raises:
+            ValueError: unknown format, unreviewed candidates, nothing to export,
+                an empty segment, existing files (without ``overwrite``) or an
+                unwritable folder.
+        """
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if unknown or not formats:
+            raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: use any of {', '.join(EXPORT_FORMATS)}.")
+        self._checkCTVolume(referenceVolumeNode)
+        if segmentationNode is None:
+            raise ValueError("No segmentation selected: select the nodule segmentation to export.")
+        ids = self.candidateSegmentIds(segmentationNode)
+        statuses = {sid: self.candidateStatus(segmentationNode, sid) for sid in ids}
+        segmentation = segmentationNode.GetSegmentation()
+        unresolved = [sid for sid in ids if statuses[sid] in ("pending", "flagged")]
+        if unresolved and not includePending:
+            names = ", ".join(segmentation.GetSegment(s).GetName() for s in unresolved)
+            raise ValueError(f"{len(unresolved)} candidate(s) not yet accepted or rejected: {names}. Review them, or export with includePending=True.")
+        export = [sid for sid in ids if statuses[sid] == "accepted" or (includePending and statuses[sid] in ("pending", "flagged"))]
+        if not export:
+            raise ValueError("No accepted candidates to export: accept at least one candidate first.")
+
+        labels = self._segmentArrayOnVolume(segmentationNode, export, referenceVolumeNode)
+        arr = sitk.GetArrayViewFromImage(labels)
+        present = set(np.unique(arr).tolist())
+        empty = [segmentation.GetSegment(sid).GetName() for n, sid in enumerate(export, start=1) if n not in present]
+        if empty:
+            raise ValueError(f"Segment(s) {', '.join(empty)} are empty (edited into emptiness or outside the volume): reject them or redraw them.")
+        ct = to_hu(self.imageFromVolume(referenceVolumeNode))
+        measured = measure_candidates(labels, ct)
+        name = referenceVolumeNode.GetName()
+        targets = {
+            "seg.nrrd": Path(outputDir) / f"{name}_reviewed.seg.nrrd",
+            "nii.gz": Path(outputDir) / f"{name}_reviewed_labels.nii.gz",
+            "csv": Path(outputDir) / f"{name}_reviewed_nodules.csv",
+            "json": Path(outputDir) / f"{name}_reviewed_nodules.json",
+        }
+        targets = {k: v for k, v in targets.items() if k in formats}
+        existing = [str(p) for p in targets.values() if p.exists()]
+        if existing and not overwrite:
+            raise ValueError(f"Export files already exist: {', '.join(existing)}. Choose another folder or allow overwriting.")
+        try:
+            Path(outputDir).mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=outputDir))
+        except OSError as exc:
+            raise ValueError(f"Cannot write to export folder '{outputDir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
+        try:
+            records = []
+            for n, (sid, m) in enumerate(zip(export, measured), start=1):
+                seg = segmentation.GetSegment(sid)
+                records.append(
+                    {
+                        **m.to_dict(),
+                        "id": n,
+                        "rank": n,
+                        "segment_id": sid,
+                        "name": seg.GetName(),
+                        "review_status": statuses[sid],
+                        "reviewer": self._tag(seg, TAG_REVIEWER) or "",
+                        "review_time": self._tag(seg, TAG_REVIEW_TIME) or "",
+                        "edited": self.isEdited(segmentationNode, sid),
+                        "detection_rank": int(self._tag(seg, TAG_RANK) or 0) or None,
+                        "probability": float(self._tag(seg, TAG_PROBABILITY) or 0.0),
+                    }
+                )
+            if "nii.gz" in targets:
+                sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
+            if "seg.nrrd" in targets:
+                self._writeSegmentation(segmentationNode, export, labels, tmp / targets["seg.nrrd"].name)
+            if "csv" in targets:
+                cands = [Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__}) for r in records]
+                write_candidates_csv(cands, tmp / targets["csv"].name)
+            if "json" in targets:
+                write_json(
+                    {
+                        "source_volume": name,
+                        "segmentation": segmentationNode.GetName(),
+                        "model": json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}"),
+                        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "left_out": {sid: statuses[sid] for sid in ids if sid not in export},
+                        "nodules": records,
+                    },
+                    tmp / targets["json"].name,
+                )
+            for kind, target in targets.items():
+                os.replace(tmp / target.name, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return [str(p) for p in targets.values()]
+
+    def _labelImage(self, labelNode) -> sitk.Image:
+        arr = slicer.util.arrayFromVolume(labelNode)
+        m = vtk.vtkMatrix4x4()
+        labelNode.GetIJKToRASMatrix(m)
+        origin, spacing, direction = geometry_from_ijk_to_ras(self._matrixToArray(m))
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr).astype(np.uint16))
+        img.SetOrigin(origin)
+        img.SetSpacing(spacing)
+        img.SetDirection(direction)
+        return img
+
+    def _writeSegmentation(self, segmentationNode, segmentIds: list[str], labels: sitk.Image, path: Path) -> None:
+        """A Slicer .seg.nrrd of the exported labelmap with each segment's name, colour and tags as edited."""
+        segmentation = segmentationNode.GetSegmentation()
+        segments = []
+        for n, sid in enumerate(segmentIds, start=1):
+            seg = segmentation.GetSegment(sid)
+            tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
+            segments.append({"id": sid, "name": seg.GetName(), "color": tuple(seg.GetColor()), "label": n, "tags": tags})
+        write_segmentation_labelmap(labels, segments, path)

@@ -1,0 +1,280 @@
+"""The MRML bridge (LungNoduleAILogic) headless with real MRML classes from slicer-core."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed (make test installs it)")
+import vtk  # noqa: E402
+
+from conftest import LIDC0001_NODULE_DIAMETER_MM, LIDC0001_NODULE_LPS, REPO, SAMPLE_CT, oblique_direction  # noqa: E402
+
+sys.path.insert(0, str(REPO / "LungNoduleAI"))
+from LungNoduleAILogic import LungNoduleAILogic  # noqa: E402
+from LungNoduleAILib.geometry import lps_to_ras  # noqa: E402
+from LungNoduleAILib.pipeline import Detector  # noqa: E402
+
+L = slicer.vtkSlicerSegmentationsModuleLogic
+NODULE_RAS = lps_to_ras(LIDC0001_NODULE_LPS)
+
+
+def load_volume(scene, path, name=None):
+    """Load a volume file with Slicer's own storage node."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or "ct")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def ras_to_ijk(volume, ras):
+    m = vtk.vtkMatrix4x4()
+    volume.GetRASToIJKMatrix(m)
+    return [int(round(v)) for v in m.MultiplyPoint([*ras, 1.0])[:3]]
+
+
+@pytest.fixture(scope="module")
+def detector(bundled_model):
+    return Detector(bundled_model)
+
+
+@pytest.fixture()
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture(scope="module")
+def oblique_sample(tmp_path_factory):
+    img = sitk.ReadImage(str(SAMPLE_CT))
+    img.SetDirection(oblique_direction(15.0))
+    path = tmp_path_factory.mktemp("oblique") / "oblique_sample.nrrd"
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return path
+
+
+def make_logic(scene, detector):
+    logic = LungNoduleAILogic(scene)
+    logic._detectors[(None, "cpu")] = detector  # reuse the loaded bundled model
+    return logic
+
+
+def test_detect_creates_nodes_in_ct_geometry(scene, detector):
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    result = logic.detect(volume, device="cpu")
+    m_ct, m_prob, m_lab = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m_ct)
+    result.probabilityNode.GetIJKToRASMatrix(m_prob)
+    result.labelmapNode.GetIJKToRASMatrix(m_lab)
+    for r in range(4):
+        for c in range(4):
+            assert m_prob.GetElement(r, c) == pytest.approx(m_ct.GetElement(r, c), abs=1e-6)
+            assert m_lab.GetElement(r, c) == pytest.approx(m_ct.GetElement(r, c), abs=1e-6)
+    seg = result.segmentationNode
+    assert seg.GetSegmentation().GetNumberOfSegments() == len(result.candidates) >= 1
+    top = result.candidates[0]
+    assert np.linalg.norm(np.array(top["center_ras_mm"]) - NODULE_RAS) <= LIDC0001_NODULE_DIAMETER_MM / 2
+    sid = logic.candidateSegmentIds(seg)[0]
+    segment = seg.GetSegmentation().GetSegment(sid)
+    assert segment.GetName().startswith("Nodule 1 (")
+    assert logic.candidateStatus(seg, sid) == "pending" and L.GetSegmentStatus(segment) == L.NotStarted
+    tag = vtk.mutable("")
+    assert segment.GetTag("TerminologyEntry", tag) and "27925004^Nodule" in str(tag)
+    # the segment's voxels sit on the probability peak near the nodule
+    prob = slicer.util.arrayFromVolume(result.probabilityNode)
+    mask, bbox = logic._segmentMask(seg, sid)
+    i0, j0, k0, i1, j1, k1 = bbox
+    region = prob[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]
+    assert region[mask > 0].max() == pytest.approx(region.max())
+    assert region[mask > 0].max() == pytest.approx(top["probability"], abs=1e-4)
+    # the candidate's centre maps into its own label
+    assert slicer.util.arrayFromVolume(result.labelmapNode)[tuple(reversed(ras_to_ijk(volume, top["center_ras_mm"])))] == 1
+    table = result.tableNode.GetTable()
+    assert table.GetNumberOfRows() == len(result.candidates)
+    assert table.GetColumnByName("status").GetValue(0) == "pending"
+    assert result.probabilityNode.GetDisplayNode().GetLowerThreshold() == pytest.approx(result.report["threshold"])
+
+
+def test_import_results_matches_engine_json(scene, detector, tmp_path, oblique_sample):
+    out = detector.detect_to_files(oblique_sample, tmp_path)
+    report = json.loads(out.outputs["json"].read_text())
+    volume = load_volume(scene, oblique_sample, "oblique")
+    result = LungNoduleAILogic(scene).importResults(volume, str(tmp_path))
+    assert [c["center_ras_mm"] for c in result.candidates] == [c["center_ras_mm"] for c in report["candidates"]]
+    labels = slicer.util.arrayFromVolume(result.labelmapNode)
+    for c in report["candidates"][:5]:
+        assert labels[tuple(reversed(ras_to_ijk(volume, c["center_ras_mm"])))] == c["rank"]
+    # oblique: the top candidate is still the nodule (the world frame rotated with the image)
+    assert result.segmentationNode.GetSegmentation().GetNumberOfSegments() == len(report["candidates"])
+
+
+def test_status_survives_seg_nrrd_save_and_reload(scene, detector, tmp_path):
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    seg = logic.detect(volume, device="cpu").segmentationNode
+    ids = logic.candidateSegmentIds(seg)
+    logic.setCandidateStatus(seg, ids[0], "accepted", reviewer="dr.who")
+    if len(ids) > 1:
+        logic.setCandidateStatus(seg, ids[1], "rejected")
+        assert not seg.GetDisplayNode().GetSegmentVisibility(ids[1])
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "reviewed.seg.nrrd"))
+    assert storage.WriteData(seg)
+    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "reviewed.seg.nrrd"))
+    assert reader.ReadData(back)
+    assert logic.candidateStatus(back, ids[0]) == "accepted"
+    assert L.GetSegmentStatus(back.GetSegmentation().GetSegment(ids[0])) == L.Completed
+    tag = vtk.mutable("")
+    assert back.GetSegmentation().GetSegment(ids[0]).GetTag("LungNoduleAI.Reviewer", tag) and str(tag) == "dr.who"
+    if len(ids) > 1:
+        assert logic.candidateStatus(back, ids[1]) == "rejected"
+    if len(ids) > 2:
+        assert logic.candidateStatus(back, ids[2]) == "pending"
+
+
+def _grow_segment(logic, seg, sid, volume, voxels=2):
+    """Edit a segment like the Segment Editor would: dilate it by a few voxels in-plane."""
+    mask, (i0, j0, k0, i1, j1, k1) = logic._segmentMask(seg, sid)
+    grown = np.pad(mask, ((0, 0), (voxels, voxels), (voxels, voxels)))
+    from scipy import ndimage
+
+    grown = ndimage.binary_dilation(grown, np.ones((1, 2 * voxels + 1, 2 * voxels + 1), bool)).astype(np.uint8)
+    oriented = slicer.vtkOrientedImageData()
+    oriented.SetExtent(i0 - voxels, i1 + voxels, j0 - voxels, j1 + voxels, k0, k1)
+    oriented.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    from vtk.util import numpy_support
+
+    numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())[:] = grown.ravel()
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    oriented.SetImageToWorldMatrix(m)
+    L.SetBinaryLabelmapToSegment(oriented, seg, sid, L.MODE_REPLACE, oriented.GetExtent())
+    return int(grown.sum())
+
+
+def test_export_reviewed_reflects_accept_reject_and_edit(scene, detector, tmp_path):
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    result = logic.detect(volume, device="cpu")
+    seg = result.segmentationNode
+    ids = logic.candidateSegmentIds(seg)
+    assert len(ids) >= 2, "the sample should give at least two candidates for this test"
+    with pytest.raises(ValueError, match="not yet accepted or rejected"):
+        logic.exportReviewed(seg, volume, str(tmp_path / "x"))
+    logic.setCandidateStatus(seg, ids[0], "accepted")
+    for sid in ids[1:]:
+        logic.setCandidateStatus(seg, sid, "rejected")
+    assert not logic.isEdited(seg, ids[0])
+    edited_voxels = _grow_segment(logic, seg, ids[0], volume)
+    assert logic.isEdited(seg, ids[0])
+    paths = logic.exportReviewed(seg, volume, str(tmp_path / "export"))
+    names = sorted(p.split("/")[-1] for p in paths)
+    assert names == ["ct_reviewed.seg.nrrd", "ct_reviewed_labels.nii.gz", "ct_reviewed_nodules.csv", "ct_reviewed_nodules.json"]
+    labels = sitk.ReadImage(str(tmp_path / "export" / "ct_reviewed_labels.nii.gz"))
+    arr = sitk.GetArrayFromImage(labels)
+    assert set(np.unique(arr)) == {0, 1}
+    assert int((arr == 1).sum()) == edited_voxels  # as edited, not as detected
+    np.testing.assert_allclose(labels.GetOrigin(), sitk.ReadImage(str(SAMPLE_CT)).GetOrigin(), atol=1e-3)
+    report = json.loads((tmp_path / "export" / "ct_reviewed_nodules.json").read_text())
+    assert len(report["nodules"]) == 1
+    nodule = report["nodules"][0]
+    assert nodule["edited"] is True and nodule["review_status"] == "accepted"
+    voxel_mm3 = float(np.prod(labels.GetSpacing()))
+    assert nodule["volume_mm3"] == pytest.approx(edited_voxels * voxel_mm3, rel=1e-3)
+    assert nodule["volume_mm3"] > result.candidates[0]["volume_mm3"]
+    assert set(report["left_out"]) == set(ids[1:])
+    import slicerio
+
+    seg_file = slicerio.read_segmentation(str(tmp_path / "export" / "ct_reviewed.seg.nrrd"))
+    assert [s["name"] for s in seg_file["segments"]] == [seg.GetSegmentation().GetSegment(ids[0]).GetName()]
+    assert seg_file["segments"][0]["status"] == "completed"
+    # an earlier export is never overwritten silently
+    with pytest.raises(ValueError, match="already exist"):
+        logic.exportReviewed(seg, volume, str(tmp_path / "export"))
+
+
+def test_export_refusals(scene, detector, tmp_path):
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    seg = logic.detect(volume, device="cpu").segmentationNode
+    ids = logic.candidateSegmentIds(seg)
+    with pytest.raises(ValueError, match="Unknown export format"):
+        logic.exportReviewed(seg, volume, str(tmp_path), formats=("png",))
+    for sid in ids:
+        logic.setCandidateStatus(seg, sid, "rejected")
+    with pytest.raises(ValueError, match="No accepted candidates"):
+        logic.exportReviewed(seg, volume, str(tmp_path))
+    logic.setCandidateStatus(seg, ids[0], "accepted")
+    # edited into emptiness
+    empty = slicer.vtkOrientedImageData()
+    empty.SetExtent(0, 0, 0, 0, 0, 0)
+    empty.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    empty.GetPointData().GetScalars().Fill(0)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    empty.SetImageToWorldMatrix(m)
+    L.SetBinaryLabelmapToSegment(empty, seg, ids[0], L.MODE_REPLACE)
+    with pytest.raises(ValueError, match="empty"):
+        logic.exportReviewed(seg, volume, str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="Unknown review status"):
+        logic.setCandidateStatus(seg, ids[0], "maybe")
+    with pytest.raises(ValueError, match="is not in segmentation"):
+        logic.setCandidateStatus(seg, "nope", "accepted")
+
+
+def test_unwritable_export_folder(scene, detector, tmp_path):
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    seg = logic.detect(volume, device="cpu").segmentationNode
+    for n, sid in enumerate(logic.candidateSegmentIds(seg)):
+        logic.setCandidateStatus(seg, sid, "accepted" if n == 0 else "rejected")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(ValueError, match="Cannot write to export folder"):
+        logic.exportReviewed(seg, volume, str(blocker / "sub"))
+
+
+def test_bad_inputs(scene, detector):
+    logic = make_logic(scene, detector)
+    with pytest.raises(ValueError, match="No input volume selected"):
+        logic.detect(None)
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(label, np.zeros((20, 20, 20), np.uint8))
+    with pytest.raises(ValueError, match="not a CT"):
+        logic.detect(label)
+    flat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "flat")
+    slicer.util.updateVolumeFromArray(flat, np.full((1, 64, 64), -1000, np.int16))
+    with pytest.raises(ValueError, match="fewer than 16"):
+        logic.detect(flat)
+    mr = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "mr")
+    slicer.util.updateVolumeFromArray(mr, np.random.default_rng(0).integers(0, 2000, (30, 64, 64)).astype(np.int16))
+    with pytest.raises(ValueError, match="Hounsfield"):
+        logic.detect(mr)
+    nodes_before = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError):
+        logic.detect(mr)
+    assert scene.GetNumberOfNodes() == nodes_before  # nothing added on failure
+
+
+def test_rethreshold_keeps_reviewed_candidates(scene, detector):
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    result = logic.detect(volume, device="cpu")
+    seg = result.segmentationNode
+    ids = logic.candidateSegmentIds(seg)
+    logic.setCandidateStatus(seg, ids[0], "accepted")
+    before = seg.GetSegmentation().GetNumberOfSegments()
+    new_ids = logic.rethreshold(seg, 0.2)
+    after_ids = logic.candidateSegmentIds(seg)
+    assert ids[0] in after_ids and logic.candidateStatus(seg, ids[0]) == "accepted"
+    assert seg.GetSegmentation().GetNumberOfSegments() >= before  # a lower threshold finds at least as many
+    assert all(logic.candidateStatus(seg, s) == "pending" for s in new_ids)
+    assert result.tableNode.GetTable().GetNumberOfRows() == len(after_ids)
