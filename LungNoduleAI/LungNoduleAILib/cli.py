@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -244,7 +245,12 @@ def _run_pack(args) -> int:
     return 0
 
 
+def _terminate(signum, frame):  # SIGTERM (e.g. Cancel in Slicer): unwind so temporary files are removed
+    raise KeyboardInterrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

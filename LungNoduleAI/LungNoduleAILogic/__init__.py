@@ -174,6 +174,18 @@ class LungNoduleAILogic:
         if image.GetNumberOfScalarComponents() != 1:
             raise ValueError(f"Volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; a single-channel CT is needed.")
 
+    def writeVolume(self, volumeNode, path: str) -> None:
+        """Write a volume node to a file (NRRD/NIfTI by extension) without touching its own storage node."""
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        self.scene.AddNode(storage)
+        try:
+            storage.SetFileName(str(path))
+            storage.SetUseCompression(False)
+            if not storage.WriteData(volumeNode):
+                raise ValueError(f"Could not write volume '{volumeNode.GetName()}' to '{path}'.")
+        finally:
+            self.scene.RemoveNode(storage)
+
     def ctFromVolume(self, volumeNode) -> CTVolume:
         """The engine's CT (int16 HU) from a volume node; refuses what is not a CT (``ValueError``)."""
         image = self.imageFromVolume(volumeNode)

@@ -1,0 +1,166 @@
+"""Run the engine's ``detect`` command in a separate process and follow its progress.
+
+Qt-free: a reader thread puts the process's output lines into a queue, and
+the caller (the module's ``QTimer``) polls :meth:`EngineProcess.poll`. Cancel
+kills the whole process tree. Used by the Slicer module so that Slicer stays
+responsive while the network runs; works the same outside Slicer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["EngineProcess", "EngineEvent", "pythonExecutable", "detectCommand"]
+
+PROGRESS_PREFIX = "LUNGNODULEAI_PROGRESS "
+RESULT_PREFIX = "LUNGNODULEAI_RESULT "
+ERROR_PREFIX = "LUNGNODULEAI_ERROR "
+
+
+@dataclass
+class EngineEvent:
+    """One thing the engine process reported.
+
+    Attributes:
+        kind: ``progress``, ``result``, ``error``, ``log`` (any other line) or ``finished``.
+        data: the parsed JSON for progress/result/error, ``{"line": ...}`` for log,
+            ``{"returncode": n, "cancelled": bool}`` for finished.
+    """
+
+    kind: str
+    data: dict = field(default_factory=dict)
+
+
+def pythonExecutable() -> str:
+    """Slicer's ``PythonSlicer`` when running inside Slicer, else this interpreter."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    candidate = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def detectCommand(inputPath: str, outputDir: str, device: str = "auto", threshold: float | None = None, modelPath: str | None = None, useLungMask: bool = True) -> list[str]:
+    """Command line of ``lungnoduleai detect`` with machine-readable progress."""
+    cmd = [pythonExecutable(), "-m", "LungNoduleAILib.cli", "detect", str(inputPath), "--output-dir", str(outputDir), "--device", device, "--progress-lines", "--overwrite"]
+    if threshold is not None:
+        cmd += ["--threshold", f"{threshold:g}"]
+    if modelPath:
+        cmd += ["--model", str(modelPath)]
+    if not useLungMask:
+        cmd.append("--no-lung-mask")
+    return cmd
+
+
+class EngineProcess:
+    """A running engine process.
+
+    Args:
+        command: the command line (see :func:`detectCommand`).
+        env: environment (default: this process's, with the module folder on ``PYTHONPATH``).
+    """
+
+    def __init__(self, command: list[str], env: dict | None = None):
+        if env is None:
+            env = dict(os.environ)
+            moduleDir = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = moduleDir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel kills the whole tree
+        self.startTime = time.monotonic()
+        self.cancelled = False
+        self.lastProgress: dict = {}
+        self.results: list[dict] = []
+        self.errors: list[dict] = []
+        self.log: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1, **kwargs)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self._finishedReported = False
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self.proc.stdout.close()
+
+    def poll(self) -> list[EngineEvent]:
+        """Events since the last call (non-blocking); the last one is ``finished`` once the process ended."""
+        events = []
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            events.append(self._parse(line))
+        if not self._finishedReported and self.proc.poll() is not None and not self._thread.is_alive() and self._queue.empty():
+            self._finishedReported = True
+            events.append(EngineEvent("finished", {"returncode": self.proc.returncode, "cancelled": self.cancelled}))
+        return events
+
+    def _parse(self, line: str) -> EngineEvent:
+        for prefix, kind, store in ((PROGRESS_PREFIX, "progress", None), (RESULT_PREFIX, "result", self.results), (ERROR_PREFIX, "error", self.errors)):
+            if line.startswith(prefix):
+                try:
+                    data = json.loads(line[len(prefix) :])
+                except json.JSONDecodeError:
+                    break
+                if kind == "progress":
+                    self.lastProgress = data
+                else:
+                    store.append(data)
+                return EngineEvent(kind, data)
+        self.log.append(line)
+        return EngineEvent("log", {"line": line})
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.startTime
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Kill the process and everything it started; waits up to ``timeout`` seconds."""
+        self.cancelled = True
+        if self.proc.poll() is not None:
+            return
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], capture_output=True)
+        else:
+            # SIGTERM first: the engine removes its temporary files; then SIGKILL whatever is left of the group.
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the process ends (for scripts and tests)."""
+        rc = self.proc.wait(timeout)
+        self._thread.join(timeout)
+        return rc
