@@ -64,3 +64,22 @@ def test_cube_detection_stats():
     assert cube_detection_stats(prob, mask, 4.0, 0.5, 1) == (True, 1)
     assert cube_detection_stats(prob, mask, 4.0, 0.85, 1) == (True, 0)
     assert cube_detection_stats(prob * 0, mask, 4.0, 0.5, 1) == (False, 0)
+
+
+def test_hard_negative_mining_and_sampling(few_cubes):
+    import torch
+
+    from LungNoduleAILib.train import mine_hard_negatives
+
+    # a one-layer network that fires on dense tissue (> about -300 HU): vessels and chest wall are false responses
+    net = torch.nn.Conv3d(1, 1, 1)
+    with torch.no_grad():
+        net.weight.fill_(40.0)
+        net.bias.fill_(-20.0)
+    mine_hard_negatives(net, few_cubes, "cpu", threshold=0.5, min_voxels=5)
+    assert few_cubes.hard_cube.shape[1] == 4 and len(few_cubes.hard_cube) > 0
+    assert set(few_cubes.hard_cube[:, 0]) <= set(np.flatnonzero(~few_cubes.is_val))  # never the validation cubes
+    sampler = PatchSampler(few_cubes, 48, seed=0, lung_max_u8=91)
+    vol, lab = sampler._hard_cube_patch()
+    assert vol.shape == lab.shape == (48, 48, 48)
+    few_cubes.hard_cube = few_cubes.hard_cube[:0]

@@ -37,7 +37,7 @@ import SimpleITK as sitk
 from .model import ModelSpec, build_network, save_model
 from .preprocess import compute_lung_mask, orient_lps, resample_like, resample_to_spacing, scale_intensity_uint8
 
-__all__ = ["TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
+__all__ = ["mine_hard_negatives", "TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class TrainingData:
         is_val: ``(N,)`` bool, validation split (by series).
         scans: list of ``(volume uint8 (z, y, x), lung mask uint8, exclusion points (M, 3) zyx voxels)``.
         meta: description (sources, split seed, counts).
+        hard_cube: ``(K, 4)`` hard negatives in training cubes: ``(cube index, z, y, x)``.
+        hard_scan: ``(K, 4)`` hard negatives in scans: ``(scan index, z, y, x)``.
     """
 
     cubes: np.ndarray
@@ -96,6 +98,8 @@ class TrainingData:
     is_val: np.ndarray
     scans: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    hard_cube: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
+    hard_scan: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
 
 
 def _fit_cube(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -185,6 +189,7 @@ def save_pack(data: TrainingData, path: str | os.PathLike) -> None:
     arrays = {
         "cubes": data.cubes, "masks": data.masks, "diameters_mm": data.diameters_mm,
         "series": data.series, "is_val": data.is_val, "meta": np.array(json.dumps(data.meta)),
+        "hard_cube": data.hard_cube, "hard_scan": data.hard_scan,
     }
     for i, (vol, lung, pts) in enumerate(data.scans):
         arrays[f"scan{i}"], arrays[f"lung{i}"], arrays[f"excl{i}"] = vol, lung, pts
@@ -199,7 +204,10 @@ def load_pack(path: str | os.PathLike) -> TrainingData:
     while f"scan{i}" in z:
         scans.append((z[f"scan{i}"], z[f"lung{i}"], z[f"excl{i}"]))
         i += 1
-    return TrainingData(z["cubes"], z["masks"], z["diameters_mm"], z["series"], z["is_val"], scans, json.loads(str(z["meta"])))
+    data = TrainingData(z["cubes"], z["masks"], z["diameters_mm"], z["series"], z["is_val"], scans, json.loads(str(z["meta"])))
+    if "hard_cube" in z:
+        data.hard_cube, data.hard_scan = z["hard_cube"], z["hard_scan"]
+    return data
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -223,6 +231,9 @@ class PatchSampler:
         self.air = 0
         self.erased = np.stack([self._erase(c, m) for c, m in zip(self.cubes, self.masks)])
         self.sprites = [self._sprite(c, m) for c, m in zip(self.cubes, self.masks)]
+        train_pos = {int(i): n for n, i in enumerate(idx)}
+        self.hard_cube = np.array([[train_pos[int(c[0])], *c[1:]] for c in data.hard_cube if int(c[0]) in train_pos], np.int32).reshape(-1, 4)
+        self.hard_scan = np.asarray(data.hard_scan, np.int32).reshape(-1, 4)
         self.scan_centres = []
         for vol, lung, pts in self.scans:
             r = patch // 2
@@ -299,12 +310,25 @@ class PatchSampler:
         vol[d] = np.clip(bg + blend[s] * (fg - bg), 0, 255).astype(np.uint8)
         lab[d] = np.maximum(lab[d], m[s])
 
+    def _hard_cube_patch(self) -> tuple[np.ndarray, np.ndarray]:
+        """A patch of a training cube centred (with jitter) on a place the model wrongly fired."""
+        i, z, y, x = self.hard_cube[int(self.rng.integers(len(self.hard_cube)))]
+        pad = self.patch // 2
+        vol = np.pad(self.cubes[i], pad, mode="reflect")
+        lab = np.pad(self.masks[i], pad, mode="constant")
+        c = np.array([z, y, x]) + pad + self.rng.integers(-6, 7, 3)
+        lo = np.clip(c - self.patch // 2, 0, np.array(vol.shape) - self.patch)
+        sl = tuple(slice(int(a), int(a) + self.patch) for a in lo)
+        return np.ascontiguousarray(vol[sl]), np.ascontiguousarray(lab[sl])
+
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         kind = int(self.rng.choice(4, p=self.mix))
         if kind == 3 and not self.scans:
             kind = 1
         n = len(self.cubes)
         if kind == 0:
+            if len(self.hard_cube) and self.rng.random() < 0.3:
+                return self._hard_cube_patch()
             i = int(self.rng.choice(n, p=self.nodule_p))
             vol, lab = self._random_crop(self.cubes[i], self.masks[i], 8)
             return np.ascontiguousarray(vol), np.ascontiguousarray(lab)
@@ -319,7 +343,12 @@ class PatchSampler:
         vol_full, _, _ = self.scans[s]
         anywhere, dense, pts = self.scan_centres[s]
         r = self.patch // 2
+        hard = self.hard_scan[self.hard_scan[:, 0] == s][:, 1:] if len(self.hard_scan) else np.zeros((0, 3), np.int32)
         for _ in range(20):
+            if len(hard) and self.rng.random() < 0.4:
+                c = hard[int(self.rng.integers(len(hard)))] + self.rng.integers(-8, 9, 3)
+                c = np.clip(c, r, np.array(vol_full.shape) - r - 1)
+                break
             pool = dense if (self.rng.random() < 0.5 and len(dense)) else anywhere
             c = pool[int(self.rng.integers(len(pool)))]
             if len(pts) == 0 or np.min(np.max(np.abs(pts - c), axis=1)) > r + 12:
@@ -411,6 +440,58 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
             "fp_voxel_fraction": fp_voxels / n}
 
 
+def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, min_voxels: int, roi: int = 96) -> None:
+    """Record where ``net`` fires wrongly in the training cubes and scans (in place).
+
+    A false response is a connected component of ``p >= threshold`` (at least
+    ``min_voxels``) that is not on the cube's nodule, or, in a scan, not within
+    15 mm of anything an LIDC reader marked.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    net.eval()
+    hard_cube, hard_scan = [], []
+    with torch.inference_mode():
+        for i in np.flatnonzero(~data.is_val):
+            x = torch.from_numpy(np.pad(data.cubes[i], 7, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
+            prob = torch.sigmoid(net(x)).float().cpu().numpy()[0, 0, 7:-7, 7:-7, 7:-7]
+            for c in _false_components(prob, threshold, min_voxels, keep_out=data.masks[i] > 0):
+                hard_cube.append([int(i), *c])
+        for s, (vol, lung, pts) in enumerate(data.scans):
+            nz = np.argwhere(lung)
+            lo, hi = nz.min(0), nz.max(0) + 1
+            crop = vol[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            x = torch.from_numpy(crop[None, None].astype(np.float32) / 255.0)
+            prob = sliding_window_inference(x, (roi,) * 3, 2, lambda t: torch.sigmoid(net(t.to(device))).float().cpu(), overlap=0.25, mode="gaussian")[0, 0].numpy()
+            prob *= lung[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
+            for c in _false_components(prob, threshold, min_voxels):
+                zyx = np.array(c) + lo
+                if len(pts) == 0 or np.min(np.linalg.norm(pts - zyx, axis=1)) > 15:
+                    hard_scan.append([s, *zyx.tolist()])
+    net.train()
+    data.hard_cube = np.array(hard_cube, np.int32).reshape(-1, 4)
+    data.hard_scan = np.array(hard_scan, np.int32).reshape(-1, 4)
+    data.meta["hard_negatives"] = {"cubes": len(hard_cube), "scans": len(hard_scan), "threshold": threshold}
+    log.info("hard negatives: %d in training cubes, %d in scans", len(hard_cube), len(hard_scan))
+
+
+def _false_components(prob: np.ndarray, threshold: float, min_voxels: int, keep_out: np.ndarray | None = None) -> list[list[int]]:
+    """Centres ``[z, y, x]`` of components of ``prob >= threshold`` that do not touch ``keep_out``."""
+    lab = sitk.ConnectedComponent(sitk.GetImageFromArray((prob >= threshold).astype(np.uint8)))
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(lab)
+    arr = sitk.GetArrayViewFromImage(lab)
+    out = []
+    for lbl in stats.GetLabels():
+        if stats.GetNumberOfPixels(lbl) < min_voxels:
+            continue
+        if keep_out is not None and keep_out[arr == lbl].any():
+            continue
+        out.append([int(round(v)) for v in reversed(stats.GetCentroid(lbl))])
+    return out
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -428,6 +509,7 @@ def train(
     val_every: int = 250,
     init: str | os.PathLike | None = None,
     command: str = "",
+    mine_hard: bool = False,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -462,6 +544,8 @@ def train(
     if init:
         state = torch.load(Path(init).with_suffix(".pt"), map_location="cpu", weights_only=True)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if mine_hard:
+        mine_hard_negatives(net, data, dev, spec.threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
     if distributed:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.startswith("cuda") else None)
@@ -520,6 +604,7 @@ def train(
                     "optimizer": "AdamW, weight decay 1e-4, cosine decay",
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                    "init": str(init) if init else None,
                     "best_validation": best,
                 }
                 save_model(net, spec, out)
