@@ -1,4 +1,4 @@
-"""The ``lungnoduleai`` command line: detect, demo, train, pack.
+"""The ``lungnoduleai`` command line: detect, demo, evaluate, train, pack.
 
 Exit status: 0 all inputs processed; 1 at least one input failed (the
 others were still processed); 2 bad command line; 3 cancelled (Ctrl-C).
@@ -131,12 +131,31 @@ def _add_demo(sub) -> None:
     p.add_argument("--keep", action="store_true", help="keep existing outputs (default: replace them)")
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="LUNA16-style FROC/CPM of detection results",
+        description="Score *_nodules.json results against LUNA16-format references (seriesuid,coordX,coordY,coordZ,diameter_mm) "
+        "or, with --cubes, against nodule cubes (one reference at each cube's centre). Writes evaluation.json, froc.csv and froc.png.",
+    )
+    p.add_argument("results", nargs="+", help="*_nodules.json files or folders holding them")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--annotations", help="LUNA16 reference CSV")
+    ref.add_argument("--cubes", help="cubes.csv (cube mode)")
+    p.add_argument("--excluded", help="LUNA16 CSV of findings that count neither as hit nor as false positive")
+    p.add_argument("--series-map", help="CSV with columns case,seriesuid mapping result names to series UIDs")
+    p.add_argument("--threshold", type=float, default=None, help="operating point (default: the threshold stored in the results)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CPM interval")
+    p.add_argument("-o", "--output-dir", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungnoduleai", description="Lung nodule detection in chest CT (LungNoduleAI engine).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_detect(sub)
     _add_demo(sub)
+    _add_evaluate(sub)
     _add_train(sub)
     _add_pack(sub)
     return parser
@@ -216,6 +235,38 @@ def _run_demo(args) -> int:
     return _run_detect(args, inputs=[str(sample)], png=True, overwrite=not args.keep)
 
 
+def _run_evaluate(args) -> int:
+    import csv as _csv
+
+    from .evaluate import evaluate, read_reference_csv, read_results, scans_from_cubes, scans_from_references, write_report
+
+    try:
+        results = read_results(args.results)
+        if args.cubes:
+            scans, notes = scans_from_cubes(results, args.cubes)
+        else:
+            names = {}
+            if args.series_map:
+                with open(args.series_map, newline="") as f:
+                    names = {r["case"]: r["seriesuid"] for r in _csv.DictReader(f)}
+            scans, notes = scans_from_references(results, read_reference_csv(args.annotations), read_reference_csv(args.excluded) if args.excluded else None, names)
+        threshold = args.threshold if args.threshold is not None else float(next(iter(results.values())).get("threshold", 0.5))
+        ev = evaluate(scans, threshold, args.bootstrap)
+    except (ValueError, OSError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}")
+    paths = write_report(ev, args.output_dir)
+    print(f"{ev.scans} scans, {ev.nodules} nodules: CPM {ev.cpm:.3f} (95% CI {ev.cpm_ci95[0]:.3f}-{ev.cpm_ci95[1]:.3f})")
+    print("FP/scan     " + "  ".join(f"{r:>6g}" for r in ev.sensitivity_at))
+    print("sensitivity " + "  ".join(f"{v:6.3f}" for v in ev.sensitivity_at.values()))
+    op = ev.operating_point
+    print(f"at p >= {threshold:g}: sensitivity {op['sensitivity']:.3f}, {op['fp_per_scan']:.2f} FP/scan, precision {op['precision']:.3f}, recall {op['recall']:.3f}, F1 {op['f1']:.3f}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _run_train(args) -> int:
     import torch
 
@@ -256,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"detect": _run_detect, "demo": _run_demo, "train": _run_train, "pack": _run_pack}
+    handlers = {"detect": _run_detect, "demo": _run_demo, "evaluate": _run_evaluate, "train": _run_train, "pack": _run_pack}
     return handlers[args.command](args)
 
 

@@ -1,0 +1,115 @@
+"""LUNA16 matching rules, FROC/CPM and the evaluate command on hand-made cases with known answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from LungNoduleAILib.evaluate import Finding, evaluate, froc, match_scan
+
+NODULE = Finding((0.0, 0.0, 0.0), 10.0)  # radius 5 mm
+
+
+def cand(x, p):
+    return {"center_lps_mm": [x, 0.0, 0.0], "probability": p}
+
+
+def test_hit_is_within_the_radius():
+    s = match_scan("a", [cand(4.9, 0.9), cand(5.1, 0.8)], [NODULE])
+    assert s.tp_probs == [0.9] and s.fp_probs == [0.8]
+
+
+def test_several_hits_count_once_with_the_highest_probability():
+    s = match_scan("a", [cand(1, 0.6), cand(-2, 0.95), cand(3, 0.7)], [NODULE])
+    assert s.tp_probs == [0.95] and s.fp_probs == []
+
+
+def test_candidates_on_excluded_findings_are_ignored():
+    excluded = [Finding((20.0, 0.0, 0.0), 4.0)]
+    s = match_scan("a", [cand(21, 0.9), cand(30, 0.5)], [NODULE], excluded)
+    assert s.tp_probs == [] and s.fp_probs == [0.5] and s.n_nodules == 1
+
+
+def test_a_hit_on_a_nodule_wins_over_an_overlapping_exclusion():
+    s = match_scan("a", [cand(0, 0.9)], [NODULE], [Finding((0.0, 0.0, 0.0), 30.0)])
+    assert s.tp_probs == [0.9]
+
+
+def test_froc_and_cpm_known_answer():
+    # 4 scans, 4 nodules; found at p 0.9, 0.8, 0.3; missed one; FPs at 0.85, 0.5, 0.2, 0.1
+    scans = [
+        match_scan("1", [cand(0, 0.9), cand(40, 0.85)], [NODULE]),
+        match_scan("2", [cand(0, 0.8), cand(40, 0.5)], [NODULE]),
+        match_scan("3", [cand(0, 0.3), cand(40, 0.2)], [NODULE]),
+        match_scan("4", [cand(40, 0.1)], [NODULE]),
+    ]
+    fps, sens, cpm = froc(scans)
+    # threshold 0.9: 1 TP, 0 FP; 0.85: 1 TP, 1 FP (0.25/scan); 0.8: 2 TP, 1 FP; 0.5: 2 TP, 2 FP (0.5/scan);
+    # 0.3: 3 TP, 2 FP; 0.2: 3 TP, 3 FP (0.75); 0.1: 3 TP, 4 FP (1/scan)
+    at = {r: float(np.interp(r, fps[::-1], sens[::-1])) for r in (0.125, 0.25, 0.5, 1, 2, 4, 8)}
+    assert at[0.25] == pytest.approx(0.5)
+    assert at[0.5] == pytest.approx(0.75)
+    assert at[1] == pytest.approx(0.75)
+    assert at[8] == pytest.approx(0.75)
+    assert cpm == pytest.approx(np.mean(list(at.values())))
+    ev = evaluate(scans, threshold=0.5, bootstrap=200)
+    op = ev.operating_point
+    assert op["sensitivity"] == 0.5 and op["fp_per_scan"] == 0.5 and op["missed"] == 2
+    assert op["precision"] == pytest.approx(0.5) and op["recall"] == pytest.approx(0.5)
+    assert ev.cpm_ci95[0] <= ev.cpm <= ev.cpm_ci95[1]
+
+
+def test_no_nodules_is_refused():
+    with pytest.raises(ValueError, match="No reference nodules"):
+        froc([match_scan("a", [cand(0, 0.5)], [])])
+
+
+def _result(path, name, candidates, series_uid=None, size=(50, 50, 50), origin=(-24.5, -24.5, -24.5)):
+    report = {
+        "input": {"name": name, "series_uid": series_uid, "size_ijk": list(size), "spacing_mm": [1.0, 1.0, 1.0], "origin_lps_mm": list(origin), "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]},
+        "threshold": 0.5,
+        "candidates": candidates,
+    }
+    path.write_text(json.dumps(report))
+
+
+def test_evaluate_command_with_references_and_series_map(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    _result(res / "caseA_nodules.json", "caseA", [cand(0, 0.9), cand(50, 0.7)])
+    _result(res / "x_nodules.json", "x", [cand(100, 0.6)], series_uid="1.2.3")
+    (tmp_path / "ann.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n9.9.9,0,0,0,10\n1.2.3,100,0,0,8\n")
+    (tmp_path / "excl.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n9.9.9,50,0,0,6\n")
+    (tmp_path / "map.csv").write_text("case,seriesuid\ncaseA,9.9.9\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--annotations", str(tmp_path / "ann.csv"), "--excluded", str(tmp_path / "excl.csv"),
+         "--series-map", str(tmp_path / "map.csv"), "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["nodules"] == 2 and report["operating_point"]["sensitivity"] == 1.0
+    assert report["operating_point"]["false_positives"] == 0  # the 0.7 candidate sits on an excluded finding
+    assert report["cpm"] == pytest.approx(1.0)
+    assert (tmp_path / "eval" / "froc.png").stat().st_size > 5000
+
+
+def test_evaluate_cube_mode(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    _result(res / "c1_nodules.json", "uid1_dcm_0", [cand(0.5, 0.9), cand(20, 0.6)])  # hit + one FP
+    _result(res / "c2_nodules.json", "uid2_dcm_0", [cand(15, 0.8)])  # miss (radius 3) + FP
+    (tmp_path / "cubes.csv").write_text("image,mask,seriesuid,diameter_mm\nuid1_dcm_0.mha,uid1_seg_0.mha,uid1,8\nuid2_dcm_0.mha,uid2_seg_0.mha,uid2,6\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--cubes", str(tmp_path / "cubes.csv"), "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["scans"] == 2 and report["nodules"] == 2
+    assert report["operating_point"] == {**report["operating_point"], "sensitivity": 0.5, "fp_per_scan": 1.0}
