@@ -83,3 +83,24 @@ def test_hard_negative_mining_and_sampling(few_cubes):
     vol, lab = sampler._hard_cube_patch()
     assert vol.shape == lab.shape == (48, 48, 48)
     few_cubes.hard_cube = few_cubes.hard_cube[:0]
+
+
+def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
+    """Two CPU processes (gloo) through the real command line, from a data pack."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save_pack(few_cubes, tmp_path / "pack.npz")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "LungNoduleAILib.cli", "train", "--pack", str(tmp_path / "pack.npz"),
+         "--output", str(tmp_path / "ddp.json"), "--steps", "3", "--batch-size", "2", "--patch", "32", "--val-every", "3", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "ddp.json").read_text())
+    assert meta["training"]["world_size"] == 2
+    load_model(tmp_path / "ddp.json", "cpu")

@@ -547,7 +547,8 @@ def train(
     if mine_hard:
         mine_hard_negatives(net, data, dev, spec.threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
     if distributed:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if dev.startswith("cuda"):  # SyncBatchNorm works on GPUs only
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.startswith("cuda") else None)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     bce = torch.nn.BCEWithLogitsLoss()
@@ -565,9 +566,7 @@ def train(
         elapsed = (time.time() - t0) / 60.0
         frac = step / steps
         if max_minutes:
-            frac = max(frac, elapsed / max_minutes)
-        if frac > 1.0:
-            break
+            frac = min(1.0, max(frac, elapsed / max_minutes))
         for g in opt.param_groups:
             g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
         batch = [sampler.sample() for _ in range(batch_size)]
@@ -583,6 +582,10 @@ def train(
         loss.backward()
         opt.step()
         last = step == steps or (max_minutes is not None and (time.time() - t0) / 60.0 >= max_minutes)
+        if distributed:  # every rank stops at the same step (rank 0's clock decides)
+            flag = torch.tensor([1.0 if last else 0.0], device=dev)
+            torch.distributed.broadcast(flag, src=0)
+            last = bool(flag.item())
         if rank == 0 and (step % val_every == 0 or last):
             stats = _validate(getattr(net, "module", net), data, dev, spec.threshold, min_voxels)
             stats.update(step=step, minutes=round((time.time() - t0) / 60.0, 2), loss=round(float(loss.item()), 4), lr=opt.param_groups[0]["lr"])

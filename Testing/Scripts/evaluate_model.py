@@ -6,7 +6,9 @@
   fraction as ``lungnoduleai train``); each cube runs through the full engine
   (``Detector.detect``, whole cube, no lung crop). A nodule is found when a
   candidate's centre lies within the nodule's radius (cubes.csv) of the
-  reference mask's centroid; every other candidate is a false one.
+  reference mask's centroid (robust for cubes cut short at the scan edge);
+  every other candidate is a false one. FROC/CPM per cube from candidates
+  down to ``--froc-threshold``.
 * Full scans (LIDC-IDRI-0001, -0002): the LUNA16 reference nodules, whether
   the top-ranked candidate is one, and the false candidates: all the others,
   and those not on anything an LIDC reader marked (the ones LUNA16 would
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from LungNoduleAILib.evaluate import Finding, evaluate, match_scan
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.train import lidc_marked_points_lps
@@ -40,10 +43,11 @@ def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dic
     return [r for r in rows if r["seriesuid"] in val]
 
 
-def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float | None, seed: int) -> dict:
+def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: int, froc_threshold: float) -> dict:
     rows = val_cubes(data_dir, seed)
     found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
     missed = []
+    froc_scans = []
     for r in rows:
         ct = read_ct(data_dir / "cubes" / r["image"], validate=False)
         mask = sitk.ReadImage(str(data_dir / "cubes" / r["mask"]))
@@ -51,7 +55,9 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float | None, 
         stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
         ref = np.array(stats.GetCentroid(1))
         radius = float(r["diameter_mm"]) / 2
-        res = detector.detect(ct, threshold, use_lung_mask=False)
+        res = detector.detect(ct, froc_threshold, use_lung_mask=False)
+        froc_scans.append(match_scan(r["image"], [c.to_dict() for c in res.candidates], [Finding(tuple(ref), 2 * radius)]))
+        res.candidates = [c for c in res.candidates if c.probability >= threshold]
         hits = [c for c in res.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
         found += bool(hits)
         others += len(res.candidates) - len(hits)
@@ -61,7 +67,11 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float | None, 
         if not hits:
             missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "top_probability": max((c.probability for c in res.candidates), default=0.0)})
     n = len(rows)
+    ev = evaluate(froc_scans, threshold, bootstrap=500)
     return {
+        "cpm": round(ev.cpm, 4),
+        "cpm_ci95": [round(v, 4) for v in ev.cpm_ci95],
+        "sensitivity_at_fp_per_cube": {str(k): round(v, 4) for k, v in ev.sensitivity_at.items()},
         "cubes": n,
         "series": len({r["seriesuid"] for r in rows}),
         "sensitivity": round(found / n, 4),
@@ -107,12 +117,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the training split seed")
     ap.add_argument("--output", type=Path, default=None)
     ap.add_argument("--skip-cubes", action="store_true")
+    ap.add_argument("--froc-threshold", type=float, default=0.05, help="candidates down to this probability feed the FROC curve")
     args = ap.parse_args(argv)
     detector = Detector(args.model, "auto")
     threshold = args.threshold if args.threshold is not None else detector.model.spec.threshold
     figures = {"model": detector.model.spec.name, "version": detector.model.spec.version, "sha256": detector.model.sha256, "threshold": threshold}
     if not args.skip_cubes:
-        figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed)
+        figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed, min(args.froc_threshold, threshold))
         print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}, indent=1), flush=True)
     figures["full_scans"] = [evaluate_scan(detector, args.data_dir / "scans", c, threshold) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
     for s in figures["full_scans"]:
