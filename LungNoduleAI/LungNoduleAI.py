@@ -76,7 +76,6 @@ class LungNoduleAIParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     threshold: Annotated[float, WithinRange(0.05, 0.99)] = 0.5
     useLungMask: bool = True
-    modelPath: str = ""
     segmentation: vtkMRMLSegmentationNode
 
 
@@ -170,7 +169,9 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(LungNoduleAIParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+        parameterLogic = ScriptedLoadableModuleLogic()
+        parameterLogic.moduleName = "LungNoduleAI"  # the singleton parameter node of this module
+        self.setParameterNode(LungNoduleAIParameterNode(parameterLogic.getParameterNode()))
         if not self._parameterNode.inputVolume:
             volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             volumes = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode") and not v.GetAttribute("LungNoduleAI.Output")]
@@ -218,7 +219,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ):
                 return False
             with slicer.util.WaitCursor():
-                slicer.util.pip_install(missing)
+                slicer.util.pip_install(" ".join(missing))
             importlib.invalidate_caches()
             stillMissing = [name for name in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
             if stillMissing:
@@ -248,7 +249,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 os.path.join(self._workDir, "output"),
                 device=self.ui.deviceComboBox.currentData,
                 threshold=self._parameterNode.threshold,
-                modelPath=self._parameterNode.modelPath or None,
+                modelPath=self.ui.modelPathLineEdit.currentPath or None,
                 useLungMask=self._parameterNode.useLungMask,
             )
             env = slicer.util.startupEnvironment()
@@ -336,7 +337,11 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         probability = seg.GetNodeReference("LungNoduleAI.Probability")
         volume = seg.GetNodeReference("LungNoduleAI.SourceVolume")
         show = self.ui.showProbabilityCheckBox.checked and probability is not None
-        slicer.util.setSliceViewerLayers(background=volume, foreground=probability if show else None, foregroundOpacity=self.ui.opacitySliderWidget.value)
+        slicer.util.setSliceViewerLayers(
+            background=volume if volume is not None else "keep-current",
+            foreground=probability if show else None,
+            foregroundOpacity=self.ui.opacitySliderWidget.value,
+        )
 
     def updateCandidatesTable(self) -> None:
         table = self.ui.candidatesTable

@@ -510,6 +510,7 @@ def train(
     init: str | os.PathLike | None = None,
     command: str = "",
     mine_hard: bool = False,
+    mine_threshold: float = 0.3,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -545,7 +546,7 @@ def train(
         state = torch.load(Path(init).with_suffix(".pt"), map_location="cpu", weights_only=True)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     if mine_hard:
-        mine_hard_negatives(net, data, dev, spec.threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
+        mine_hard_negatives(net, data, dev, mine_threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
     if distributed:
         if dev.startswith("cuda"):  # SyncBatchNorm works on GPUs only
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
