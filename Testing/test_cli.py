@@ -85,3 +85,16 @@ def test_help_lists_every_command():
     proc = run_cli("--help")
     for cmd in ("detect", "demo", "train", "pack"):
         assert cmd in proc.stdout
+
+
+def test_dicom_series_folder_end_to_end(tmp_path):
+    from conftest import shared
+
+    folder = shared("dicom", "ct-64")
+    proc = run_cli("detect", folder, "--output-dir", tmp_path, "--device", "cpu", "--progress-lines")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "ct-64_nodules.json").read_text())
+    assert report["input"]["series_uid"] and report["input"]["size_ijk"][2] == 79
+    prob = sitk.ReadImage(str(tmp_path / "ct-64_probability.nrrd"))
+    assert list(prob.GetSize()) == report["input"]["size_ijk"]
+    np.testing.assert_allclose(prob.GetOrigin(), report["input"]["origin_lps_mm"], atol=1e-3)

@@ -1,0 +1,91 @@
+"""Write MODEL_CARD.md next to a model from its metadata and measured figures.
+
+    .venv/bin/python Testing/Scripts/write_model_card.py MODEL.json FIGURES.json [--bench BENCH.txt]
+
+FIGURES.json is what Testing/Scripts/evaluate_model.py --output wrote; BENCH.txt
+is the table Testing/Benchmarks/bench_detect.py printed.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from LungNoduleAILib.model import ModelSpec, file_sha256
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", type=Path)
+    ap.add_argument("figures", type=Path)
+    ap.add_argument("--bench", type=Path)
+    ap.add_argument("--notes", type=Path, help="markdown appended as 'Notes'")
+    args = ap.parse_args()
+    spec = ModelSpec.from_json(args.model)
+    fig = json.loads(args.figures.read_text())
+    weights = args.model.parent / spec.weights
+    t = spec.training
+    best = t.get("best_validation", {})
+    lines = [
+        f"# Model card: {spec.name} {spec.version}",
+        "",
+        "Lung nodule segmentation network whose connected components above the threshold are the nodule candidates of LungNoduleAI.",
+        "",
+        "## Files",
+        f"- `{args.model.name}`: metadata (architecture, preprocessing, threshold, training record).",
+        f"- `{spec.weights}`: weights, float16 state_dict, {weights.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(weights)}`.",
+        "",
+        "## Architecture and preprocessing",
+        f"- MONAI `UNet` (3-D, 1 input and 1 output channel), {json.dumps(spec.architecture)}; its top layer is a plain transposed convolution (no norm/activation), so the logits are not squeezed.",
+        f"- Input: CT oriented to LPS, resampled to {spec.spacing_mm} mm, HU clipped to {spec.hu_window} and scaled to [0, 1]; restricted to the lungs' bounding box (+{spec.lung_margin_mm:g} mm) from a threshold/connected-component lung mask; probability set to 0 outside the closed lung mask dilated by 4 mm.",
+        f"- Sliding window {spec.roi_size} voxels, overlap {spec.overlap}, Gaussian blending. Candidates: components of p >= {spec.threshold} (default threshold) of at least {spec.min_volume_mm3:g} mm³.",
+        "",
+        "## Training",
+        f"- Command: `{t.get('command', '?')}`",
+        f"- Started from: `{t.get('init')}`" if t.get("init") else "- Started from: random initialisation",
+        f"- Seed {t.get('seed')}, device {t.get('device')}, world size {t.get('world_size', 1)}, {t.get('total_minutes', '?')} minutes, patch {t.get('patch')}³, batch {t.get('batch_size')}, lr {t.get('lr')} ({t.get('optimizer')}), loss {t.get('loss')}.",
+        f"- Data: {json.dumps(t.get('data', {}))}.",
+        "- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn twice as often.",
+        "- Negatives: training cubes with their nodule erased, and lung patches of the full scan(s) named in the data (half centred on dense tissue inside the lung), kept 12+ mm away from anything an LIDC reader marked; with --mine-hard-negatives, patches centred where the starting model fired wrongly.",
+        "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
+        f"- Validation split by series (seed {t.get('data', {}).get('split_seed')}): best in-training validation {json.dumps(best)}.",
+        "",
+        "## Evaluation (Testing/Scripts/evaluate_model.py)",
+        f"Default threshold p >= {fig['threshold']}.",
+    ]
+    vc = fig.get("validation_cubes")
+    if vc:
+        lines += [
+            "",
+            f"### Held-out validation cubes ({vc['cubes']} nodules, {vc['series']} series never seen in training)",
+            f"- Found (a candidate centre within the nodule's radius): **{vc['sensitivity']:.3f}**; other candidates per cube: **{vc['other_candidates_per_cube']:.2f}**.",
+            "- By size: " + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc["sensitivity_by_size"].items()) + ".",
+            f"- FROC per cube (candidates down to p = 0.05): CPM {vc['cpm']:.3f} (95 % CI {vc['cpm_ci95'][0]:.3f}-{vc['cpm_ci95'][1]:.3f}); sensitivity at "
+            + ", ".join(f"{k} FP/cube {v:.3f}" for k, v in vc["sensitivity_at_fp_per_cube"].items()) + ".",
+        ]
+    lines += ["", "### Full scans", "", "| scan | reference nodules | found | top candidate is the reference | candidates | false candidates | of which not near any LIDC reader mark |", "|---|---|---|---|---|---|---|"]
+    for s in fig["full_scans"]:
+        lines.append(f"| {s['case']} | {s['reference_nodules']} | {s['references_found']} | {'yes' if s['top_candidate_is_reference'] else ('n/a' if not s['reference_nodules'] else 'no')} | {s['candidates']} | {s['false_candidates']} | {s['false_candidates_not_near_any_reader_mark']} |")
+    lines += [
+        "",
+        "LIDC-IDRI-0001 is never used in training (the bundled demo CT is cut from it). LIDC-IDRI-0002 has no LUNA16 reference nodule; its lungs are used for negatives (away from reader marks), so its figure is not an unseen-data figure.",
+    ]
+    if args.bench:
+        lines += ["", "## Speed and memory (Testing/Benchmarks/bench_detect.py, 2-core CPU)", "", "```", args.bench.read_text().strip(), "```"]
+    if args.notes:
+        lines += ["", "## Notes", "", args.notes.read_text().strip()]
+    lines += [
+        "",
+        "## Data and licences",
+        "LIDC-IDRI (Armato et al., Med Phys 2011; TCIA, CC BY 3.0) and LUNA16 (Setio et al., MedIA 2017, CC BY 4.0); nodule cubes cut by node21challenge/node21_generation_baseline (Apache-2.0).",
+        "",
+        "## Intended use and limits",
+        "Research and annotation support: candidates are suggestions for a reader to review, not a diagnosis. Trained on few scanners and one full scan's negatives; expect more false candidates on unusual scans (contrast, artefacts, pathology such as fibrosis).",
+        "",
+    ]
+    out = args.model.parent / "MODEL_CARD.md"
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
