@@ -102,3 +102,24 @@ def test_ijk_to_ras_matrix_round_trip():
     np.testing.assert_allclose(origin, img.GetOrigin())
     np.testing.assert_allclose(spacing, img.GetSpacing())
     np.testing.assert_allclose(direction, img.GetDirection(), atol=1e-12)
+
+
+def test_rescorer_fits_scores_and_reranks():
+    from LungNoduleAILib.rescore import FEATURES, apply_rescorer, candidate_features, fit_rescorer
+
+    # three spheres: the largest is "the nodule"; teach the rescorer that big, dense candidates are real
+    prob, ct = _spheres([((40, 40, 30), 3.0, 0.95), ((110, 60, 50), 6.0, 0.7), ((70, 120, 60), 10.0, 0.6)])
+    labelmap, cands = extract_candidates(prob, ct, threshold=0.3)
+    feats = candidate_features(cands, labelmap, ct, prob)
+    assert feats.shape == (3, len(FEATURES)) and np.isfinite(feats).all()
+    i_vol = FEATURES.index("log_volume_mm3")
+    assert feats[:, i_vol].argmax() == [c.diameter_mm for c in cands].index(max(c.diameter_mm for c in cands))
+    X = np.concatenate([feats, feats + np.random.default_rng(0).normal(0, 0.01, feats.shape)])
+    y = np.array([0, 1, 1, 0, 1, 1])  # the smallest (highest probability) candidate is false
+    rescorer = fit_rescorer(X, y)
+    rescorer["threshold"] = 0.5
+    relabeled, kept = apply_rescorer(rescorer, cands, labelmap, ct, prob)
+    assert len(kept) == 2 and all(c.score >= 0.5 for c in kept)
+    assert [c.rank for c in kept] == [1, 2] and kept[0].score >= kept[1].score
+    assert set(np.unique(sitk.GetArrayFromImage(relabeled))) == {0, 1, 2}
+    assert all(c.diameter_mm > 8 for c in kept)

@@ -32,6 +32,7 @@ class Candidate:
         longest_axial_diameter_mm: longest in-plane diameter over the CT's slices (mm).
         mean_hu: mean CT value inside the candidate (HU).
         voxels: number of CT voxels.
+        score: second-stage (candidate-level) score 0-1 when the model has a rescorer, else ``None``.
     """
 
     id: int
@@ -47,6 +48,7 @@ class Candidate:
     longest_axial_diameter_mm: float
     mean_hu: float
     voxels: int
+    score: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,7 @@ class ModelSpec:
         lung_margin_mm: margin around the lung bounding box.
         restrict_to_lung: zero the probability outside the (closed, dilated) lung
             mask when a lung was found.
+        rescoring: second-stage logistic regression (see :mod:`.rescore`), or ``None``.
         training: free-form training record (data, command, seed, metrics).
     """
 
@@ -63,6 +64,7 @@ class ModelSpec:
     min_volume_mm3: float = 5.0
     lung_margin_mm: float = 10.0
     restrict_to_lung: bool = True
+    rescoring: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

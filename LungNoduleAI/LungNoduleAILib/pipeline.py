@@ -24,6 +24,7 @@ from .candidates import Candidate, extract_candidates, restrict_to_lung
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model
+from .rescore import apply_rescorer
 from .preprocess import lung_crop, orient_lps, resample_like, resample_to_spacing, scale_intensity
 from .writers import (
     OutputSet,
@@ -209,6 +210,8 @@ class Detector:
         if crop is not None and crop.found and spec.restrict_to_lung:
             prob_sub = restrict_to_lung(prob_sub, crop.mask)
         labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, spec.min_volume_mm3)
+        if spec.rescoring:
+            labelmap_sub, cands = apply_rescorer(spec.rescoring, cands, labelmap_sub, ct_sub, prob_sub)
         for c in cands:
             c.bbox_ijk = [v + lo[i % 3] for i, v in enumerate(c.bbox_ijk)]
             c.center_ijk = [round(v + lo[i], 3) for i, v in enumerate(c.center_ijk)]

@@ -137,7 +137,7 @@ def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike) -> None:
 
 def segment_tags(candidate: Candidate, status: str = "notstarted") -> dict[str, str]:
     """Segment tags stored with each candidate (Slicer ``Segment{i}_Tags``)."""
-    return {
+    tags = {
         "Segmentation.Status": status,
         "TerminologyEntry": NODULE_TERMINOLOGY,
         "LungNoduleAI.Rank": str(candidate.rank),
@@ -147,6 +147,9 @@ def segment_tags(candidate: Candidate, status: str = "notstarted") -> dict[str, 
         "LungNoduleAI.VolumeMm3": f"{candidate.volume_mm3:.1f}",
         "LungNoduleAI.ReviewStatus": "pending",
     }
+    if candidate.score is not None:
+        tags["LungNoduleAI.Score"] = f"{candidate.score:.4f}"
+    return tags
 
 
 def segment_name(candidate: Candidate) -> str:
@@ -209,7 +212,7 @@ CSV_COLUMNS = [
     "id", "rank", "probability", "probability_mean",
     "center_lps_x_mm", "center_lps_y_mm", "center_lps_z_mm",
     "center_ras_x_mm", "center_ras_y_mm", "center_ras_z_mm",
-    "volume_mm3", "diameter_mm", "longest_axial_diameter_mm", "mean_hu", "voxels",
+    "volume_mm3", "diameter_mm", "longest_axial_diameter_mm", "mean_hu", "voxels", "score",
 ]
 
 
@@ -223,6 +226,7 @@ def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLik
                 c.id, c.rank, f"{c.probability:.4f}", f"{c.probability_mean:.4f}",
                 *[f"{v:.2f}" for v in c.center_lps_mm], *[f"{v:.2f}" for v in c.center_ras_mm],
                 f"{c.volume_mm3:.1f}", f"{c.diameter_mm:.2f}", f"{c.longest_axial_diameter_mm:.2f}", f"{c.mean_hu:.1f}", c.voxels,
+                "" if c.score is None else f"{c.score:.4f}",
             ])
 
 

@@ -31,6 +31,7 @@ import vtk
 from LungNoduleAILib.candidates import Candidate, extract_candidates, measure_candidates
 from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
 from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
+from LungNoduleAILib.rescore import apply_rescorer
 from LungNoduleAILib.writers import (
     SEGMENT_COLORS,
     read_probability,
@@ -58,6 +59,7 @@ KNOWN_TAGS = (
     "TerminologyEntry",
     TAG_RANK,
     TAG_PROBABILITY,
+    "LungNoduleAI.Score",
     "LungNoduleAI.DiameterMm",
     "LungNoduleAI.LongestAxialDiameterMm",
     "LungNoduleAI.VolumeMm3",
@@ -316,7 +318,7 @@ class LungNoduleAILogic:
         flat[:] = mask.ravel()
         oriented.SetImageToWorldMatrix(self._arrayToMatrix(ijk_to_ras_matrix(labelmap)))
         color = SEGMENT_COLORS[index % len(SEGMENT_COLORS)]
-        c = Candidate(**{k: cand[k] for k in Candidate.__dataclass_fields__})
+        c = Candidate(**{k: cand[k] for k in Candidate.__dataclass_fields__ if k in cand})
         segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, segment_name(c), color)
         segment = segNode.GetSegmentation().GetSegment(segmentId)
         for key, value in segment_tags(c).items():
@@ -489,7 +491,10 @@ class LungNoduleAILogic:
             else:
                 kept.append(sid)
         keptMask = sitk.GetArrayViewFromImage(self._segmentArrayOnVolume(segmentationNode, kept, volume)) > 0 if kept else np.zeros(tuple(reversed(ct.GetSize())), bool)
-        labelmap, found = extract_candidates(probability, ct, threshold, self._detectorSpecMinVolume())
+        spec = self._modelSpec()
+        labelmap, found = extract_candidates(probability, ct, threshold, spec.min_volume_mm3 if spec else 0.0)
+        if spec is not None and spec.rescoring:
+            labelmap, found = apply_rescorer(spec.rescoring, found, labelmap, to_hu(ct), probability)
         labelArr = sitk.GetArrayViewFromImage(labelmap)
         newIds = []
         rank = max([int(self._tag(segmentation.GetSegment(s), TAG_RANK) or 0) for s in kept] + [0])
@@ -508,11 +513,11 @@ class LungNoduleAILogic:
         self.updateTable(segmentationNode)
         return newIds
 
-    def _detectorSpecMinVolume(self) -> float:
+    def _modelSpec(self):
         from LungNoduleAILib.model import ModelSpec, default_model_path
 
         path = Path(self.modelPath) if self.modelPath else default_model_path()
-        return ModelSpec.from_json(path).min_volume_mm3 if path.exists() else 0.0
+        return ModelSpec.from_json(path) if path.exists() else None
 
     # ------------------------------------------------------------------ export
 
@@ -608,7 +613,7 @@ class LungNoduleAILogic:
             if "seg.nrrd" in targets:
                 self._writeSegmentation(segmentationNode, export, labels, tmp / targets["seg.nrrd"].name)
             if "csv" in targets:
-                cands = [Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__}) for r in records]
+                cands = [Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records]
                 write_candidates_csv(cands, tmp / targets["csv"].name)
             if "json" in targets:
                 write_json(
