@@ -79,6 +79,14 @@ class SlidingWindowPredictor:
         import torch
         from monai.inferers import sliding_window_inference
 
+        # Volumes smaller than a window (e.g. a nodule cube) are padded here with mirrored
+        # tissue rather than by MONAI with zeros: a wall of air around them looks like a
+        # lung edge to the network and makes false candidates.
+        shape = volume.shape
+        pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(shape, self.roi_size)]
+        if any(a or b for a, b in pads):
+            mode = "reflect" if all(max(a, b) < s for (a, b), s in zip(pads, shape)) else "edge"
+            volume = np.pad(volume, pads, mode=mode)
         padded = [max(s, r) for s, r in zip(volume.shape, self.roi_size)]
         total = count_windows(padded, self.roi_size, self.overlap)
         done = [0]
@@ -106,7 +114,10 @@ class SlidingWindowPredictor:
                 sw_device=self.device,
                 device="cpu",
             )
-        return prob[0, 0].numpy().astype(np.float32, copy=False)
+        out = prob[0, 0].numpy()
+        if any(a or b for a, b in pads):
+            out = out[tuple(slice(a, a + s) for (a, _), s in zip(pads, shape))]
+        return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def sliding_window_probability(

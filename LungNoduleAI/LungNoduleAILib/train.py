@@ -495,6 +495,18 @@ def _false_components(prob: np.ndarray, threshold: float, min_voxels: int, keep_
 # ----------------------------------------------------------------------------- training
 
 
+def _init_record(init) -> dict | None:
+    """The training record of the model a run started from (kept so the chain of runs stays documented)."""
+    if not init:
+        return None
+    meta = Path(init).with_suffix(".json")
+    if not meta.exists():
+        return None
+    record = json.loads(meta.read_text()).get("training", {})
+    record.pop("history", None)
+    return record
+
+
 def train(
     data: TrainingData,
     output: str | os.PathLike,
@@ -609,6 +621,7 @@ def train(
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                     "init": str(init) if init else None,
+                    "init_training": _init_record(init),
                     "best_validation": best,
                 }
                 save_model(net, spec, out)

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LungNoduleAILib.imageio import read_ct
-from LungNoduleAILib.model import ModelSpec
+from LungNoduleAILib.model import ModelSpec, load_model
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.rescore import candidate_features, fit_rescorer, score
 from LungNoduleAILib.train import lidc_marked_points_lps
@@ -37,14 +37,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=float, default=0.98, help="fraction of training hits the threshold keeps")
     args = ap.parse_args()
-    spec = ModelSpec.from_json(args.model)
-    spec.rescoring = None
-    tmp = args.output.with_suffix(".norescore.json")
-    spec.to_json(tmp)
-    shutil.copy(args.model.with_suffix(".pt"), tmp.with_suffix(".pt"))
-    spec.weights = tmp.with_suffix(".pt").name
-    spec.to_json(tmp)
-    detector = Detector(tmp, "auto")
+    model = load_model(args.model, "auto")
+    model.spec.rescoring = None  # candidates as the network alone gives them
+    detector = Detector(model)
     rows = list(csv.DictReader(open(args.data_dir / "cubes" / "cubes.csv", newline="")))
     uniq = sorted({r["seriesuid"] for r in rows})
     random.Random(args.seed).shuffle(uniq)
@@ -79,6 +74,7 @@ def main() -> None:
     rescorer["trained_on"] = {"candidates": int(len(y)), "hits": int(y.sum()), "false": int((y == 0).sum()), "keep_hits": args.keep, "seed": args.seed, "scans": args.scans}
     kept_fp = float(((s >= rescorer["threshold"]) & (y == 0)).sum() / max(1, (y == 0).sum()))
     rescorer["trained_on"]["false_kept_fraction"] = round(kept_fp, 4)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     out = ModelSpec.from_json(args.model)
     out.rescoring = rescorer
     shutil.copy(args.model.with_suffix(".pt"), args.output.with_suffix(".pt"))
