@@ -117,12 +117,12 @@ def test_import_results_matches_engine_json(scene, detector, tmp_path, oblique_s
 def test_status_survives_seg_nrrd_save_and_reload(scene, detector, tmp_path):
     volume = load_volume(scene, SAMPLE_CT)
     logic = make_logic(scene, detector)
-    seg = logic.detect(volume, device="cpu").segmentationNode
+    seg = logic.detect(volume, device="cpu", threshold=0.1).segmentationNode  # a low threshold gives 3 candidates on the sample
     ids = logic.candidateSegmentIds(seg)
+    assert len(ids) >= 3
     logic.setCandidateStatus(seg, ids[0], "accepted", reviewer="dr.who")
-    if len(ids) > 1:
-        logic.setCandidateStatus(seg, ids[1], "rejected")
-        assert not seg.GetDisplayNode().GetSegmentVisibility(ids[1])
+    logic.setCandidateStatus(seg, ids[1], "rejected")
+    assert not seg.GetDisplayNode().GetSegmentVisibility(ids[1])
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(tmp_path / "reviewed.seg.nrrd"))
     assert storage.WriteData(seg)
@@ -134,10 +134,8 @@ def test_status_survives_seg_nrrd_save_and_reload(scene, detector, tmp_path):
     assert L.GetSegmentStatus(back.GetSegmentation().GetSegment(ids[0])) == L.Completed
     tag = vtk.mutable("")
     assert back.GetSegmentation().GetSegment(ids[0]).GetTag("LungNoduleAI.Reviewer", tag) and str(tag) == "dr.who"
-    if len(ids) > 1:
-        assert logic.candidateStatus(back, ids[1]) == "rejected"
-    if len(ids) > 2:
-        assert logic.candidateStatus(back, ids[2]) == "pending"
+    assert logic.candidateStatus(back, ids[1]) == "rejected"
+    assert logic.candidateStatus(back, ids[2]) == "pending"
 
 
 def _grow_segment(logic, seg, sid, volume, voxels=2):
@@ -163,10 +161,10 @@ def _grow_segment(logic, seg, sid, volume, voxels=2):
 def test_export_reviewed_reflects_accept_reject_and_edit(scene, detector, tmp_path):
     volume = load_volume(scene, SAMPLE_CT)
     logic = make_logic(scene, detector)
-    result = logic.detect(volume, device="cpu")
+    result = logic.detect(volume, device="cpu", threshold=0.1)  # a low threshold gives 3 candidates on the sample
     seg = result.segmentationNode
     ids = logic.candidateSegmentIds(seg)
-    assert len(ids) >= 2, "the sample should give at least two candidates for this test"
+    assert len(ids) >= 2
     with pytest.raises(ValueError, match="not yet accepted or rejected"):
         logic.exportReviewed(seg, volume, str(tmp_path / "x"))
     logic.setCandidateStatus(seg, ids[0], "accepted")
@@ -272,9 +270,9 @@ def test_rethreshold_keeps_reviewed_candidates(scene, detector):
     ids = logic.candidateSegmentIds(seg)
     logic.setCandidateStatus(seg, ids[0], "accepted")
     before = seg.GetSegmentation().GetNumberOfSegments()
-    new_ids = logic.rethreshold(seg, 0.2)
+    new_ids = logic.rethreshold(seg, 0.1)
     after_ids = logic.candidateSegmentIds(seg)
     assert ids[0] in after_ids and logic.candidateStatus(seg, ids[0]) == "accepted"
-    assert seg.GetSegmentation().GetNumberOfSegments() >= before  # a lower threshold finds at least as many
+    assert len(new_ids) >= 1 and seg.GetSegmentation().GetNumberOfSegments() > before  # a lower threshold finds more
     assert all(logic.candidateStatus(seg, s) == "pending" for s in new_ids)
     assert result.tableNode.GetTable().GetNumberOfRows() == len(after_ids)

@@ -45,7 +45,7 @@ def ui_widgets() -> dict[str, str]:
 
 
 def test_every_widget_the_code_uses_exists_with_the_right_class():
-    code = (MODULE / "LungNoduleAI.py").read_text()
+    code = (MODULE / "LungNoduleAI.py").read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", code))
     widgets = ui_widgets()
     assert used, "no self.ui.<name> found: the parser is broken"
@@ -59,14 +59,14 @@ def test_every_widget_the_code_uses_exists_with_the_right_class():
 def test_parameter_node_names_match_ui():
     root = ET.parse(MODULE / "Resources" / "UI" / "LungNoduleAI.ui").getroot()
     bound = {p.findtext("string") for p in root.iter("property") if p.get("name") == "SlicerParameterName"}
-    code = (MODULE / "LungNoduleAI.py").read_text()
+    code = (MODULE / "LungNoduleAI.py").read_text(encoding="utf-8")
     wrapper = code[code.index("class LungNoduleAIParameterNode") : code.index("# Widget")]
     fields = set(re.findall(r"^    (\w+):", wrapper, re.M))
     assert bound and bound <= fields, f"UI binds {bound - fields} which the parameter node lacks"
 
 
 def test_cmake_lists_every_python_and_resource_file():
-    cmake = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "LungNoduleAI")
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "LungNoduleAI")
     listed = set(re.findall(r"^\s+([\w/.\-]+\.\w+)\s*$", cmake, re.M))
     files = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
     assert files - listed == set(), f"not listed in LungNoduleAI/CMakeLists.txt: {sorted(files - listed)}"
@@ -74,7 +74,7 @@ def test_cmake_lists_every_python_and_resource_file():
 
 
 def test_top_level_cmake_is_a_slicer_extension():
-    cmake = (REPO / "CMakeLists.txt").read_text()
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key} \"[^\"]+\"\)", cmake), key
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake
@@ -83,11 +83,11 @@ def test_top_level_cmake_is_a_slicer_extension():
 
 def test_engine_never_imports_slicer_qt_or_vtk():
     for path in (MODULE / "LungNoduleAILib").glob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", text, re.M), path.name
 
 
 def test_bridge_never_imports_qt():
     for path in (MODULE / "LungNoduleAILogic").glob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk|slicer\.ScriptedLoadableModule|slicer\.parameterNodeWrapper)\b", text, re.M), path.name

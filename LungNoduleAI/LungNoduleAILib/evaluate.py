@@ -64,7 +64,8 @@ def match_scan(name: str, candidates: Sequence[dict], nodules: Sequence[Finding]
     """Apply the LUNA16 matching rules to one scan.
 
     Args:
-        candidates: dicts with ``center_lps_mm`` and ``probability`` (the engine's JSON).
+        candidates: dicts with ``center_lps_mm`` and ``probability`` (the engine's JSON); a
+            second-stage ``score``, when present, ranks the candidates instead.
         nodules: reference nodules.
         excluded: findings that count neither as hit nor as false positive.
     """
@@ -72,7 +73,7 @@ def match_scan(name: str, candidates: Sequence[dict], nodules: Sequence[Finding]
     fps = []
     for c in candidates:
         centre = np.asarray(c["center_lps_mm"], dtype=float)
-        p = float(c["probability"])
+        p = float(c["score"] if c.get("score") is not None else c["probability"])
         hit = _hits(centre, nodules)
         if hit:
             for i in hit:

@@ -35,6 +35,10 @@ from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.train import lidc_marked_points_lps
 
 
+SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+"""Thresholds of the sweep (from one run at the lowest: max probability of each candidate >= t)."""
+
+
 def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dict]:
     rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
     uniq = sorted({r["seriesuid"] for r in rows})
@@ -48,6 +52,7 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
     found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
     missed = []
     froc_scans = []
+    sweep = {t: [0, 0] for t in SWEEP}
     for r in rows:
         ct = read_ct(data_dir / "cubes" / r["image"], validate=False)
         mask = sitk.ReadImage(str(data_dir / "cubes" / r["mask"]))
@@ -56,7 +61,12 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         ref = np.array(stats.GetCentroid(1))
         radius = float(r["diameter_mm"]) / 2
         res = detector.detect(ct, froc_threshold, use_lung_mask=False)
-        froc_scans.append(match_scan(r["image"], [c.to_dict() for c in res.candidates], [Finding(tuple(ref), 2 * radius)]))
+        ranked = [{**c.to_dict(), "probability": c.score if c.score is not None else c.probability} for c in res.candidates]
+        froc_scans.append(match_scan(r["image"], ranked, [Finding(tuple(ref), 2 * radius)]))
+        for t in SWEEP:
+            hit_t = [c for c in res.candidates if c.probability >= t and np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
+            sweep[t][0] += bool(hit_t)
+            sweep[t][1] += sum(c.probability >= t for c in res.candidates) - len(hit_t)
         res.candidates = [c for c in res.candidates if c.probability >= threshold]
         hits = [c for c in res.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
         found += bool(hits)
@@ -72,6 +82,7 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         "cpm": round(ev.cpm, 4),
         "cpm_ci95": [round(v, 4) for v in ev.cpm_ci95],
         "sensitivity_at_fp_per_cube": {str(k): round(v, 4) for k, v in ev.sensitivity_at.items()},
+        "sweep": {str(t): {"sensitivity": round(v[0] / n, 4), "other_per_cube": round(v[1] / n, 3)} for t, v in sweep.items()},
         "cubes": n,
         "series": len({r["seriesuid"] for r in rows}),
         "sensitivity": round(found / n, 4),
@@ -93,6 +104,11 @@ def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float |
     def hit(c, ref):
         return np.linalg.norm(np.array(c.center_lps_mm) - np.array(ref[:3])) <= ref[3] / 2
 
+    low = detector.detect(ct, min(SWEEP[0], res.threshold))
+    sweep = {}
+    for t in SWEEP:
+        cs = [c for c in low.candidates if c.probability >= t]
+        sweep[str(t)] = {"candidates": len(cs), "false": sum(not any(hit(c, r) for r in refs) for c in cs), "reference_found": sum(any(hit(c, r) for c in cs) for r in refs)}
     ref_hits = [c for c in res.candidates if any(hit(c, r) for r in refs)]
     others = [c for c in res.candidates if c not in ref_hits]
     near_marks = [c for c in others if any(np.linalg.norm(np.array(c.center_lps_mm) - np.array(m)) <= 10.0 for m in marks)]
@@ -106,6 +122,7 @@ def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float |
         "false_candidates_not_near_any_reader_mark": len(others) - len(near_marks),
         "top5": [{"rank": c.rank, "p": round(c.probability, 3), "diameter_mm": c.diameter_mm, "lps": c.center_lps_mm} for c in res.candidates[:5]],
         "detect_seconds": round(seconds, 1),
+        "sweep": sweep,
     }
 
 
@@ -124,10 +141,11 @@ def main(argv=None) -> int:
     figures = {"model": detector.model.spec.name, "version": detector.model.spec.version, "sha256": detector.model.sha256, "threshold": threshold}
     if not args.skip_cubes:
         figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed, min(args.froc_threshold, threshold))
-        print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}, indent=1), flush=True)
+        print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}), flush=True)
     figures["full_scans"] = [evaluate_scan(detector, args.data_dir / "scans", c, threshold) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
     for s in figures["full_scans"]:
-        print(json.dumps({k: v for k, v in s.items() if k != "top5"}), flush=True)
+        print(json.dumps({k: v for k, v in s.items() if k not in ("top5", "sweep")}), flush=True)
+        print("  sweep:", json.dumps(s["sweep"]), flush=True)
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
