@@ -416,6 +416,14 @@ def cube_detection_stats(prob: np.ndarray, mask: np.ndarray, diameter_mm: float,
     return found, others
 
 
+def _cube_probability(net, cube_u8: np.ndarray, device: str) -> np.ndarray:
+    """Probabilities ``(z, y, x)`` of a whole 50-voxel cube (uint8), mirror-padded to 64 voxels (divisible by 16)."""
+    import torch
+
+    x = torch.from_numpy(np.pad(cube_u8, 7, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
+    return torch.sigmoid(net(x)).float().cpu().numpy()[0, 0, 7:-7, 7:-7, 7:-7]
+
+
 def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels: int, limit: int = 200) -> dict:
     import torch
 
@@ -424,8 +432,7 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
     net.eval()
     with torch.inference_mode():
         for i in idx:
-            x = torch.from_numpy(np.pad(data.cubes[i], 7, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
-            prob = torch.sigmoid(net(x)).float().cpu().numpy()[0, 0, 7:-7, 7:-7, 7:-7]
+            prob = _cube_probability(net, data.cubes[i], device)
             f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels)
             found += f
             fps += o
@@ -454,8 +461,7 @@ def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, 
     hard_cube, hard_scan = [], []
     with torch.inference_mode():
         for i in np.flatnonzero(~data.is_val):
-            x = torch.from_numpy(np.pad(data.cubes[i], 7, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
-            prob = torch.sigmoid(net(x)).float().cpu().numpy()[0, 0, 7:-7, 7:-7, 7:-7]
+            prob = _cube_probability(net, data.cubes[i], device)
             for c in _false_components(prob, threshold, min_voxels, keep_out=data.masks[i] > 0):
                 hard_cube.append([int(i), *c])
         for s, (vol, lung, pts) in enumerate(data.scans):

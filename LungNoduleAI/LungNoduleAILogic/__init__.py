@@ -151,9 +151,13 @@ class LungNoduleAILogic:
     def imageFromVolume(self, volumeNode) -> sitk.Image:
         """A SimpleITK image (LPS geometry) with the voxels of a scalar volume node."""
         self._checkCTVolume(volumeNode)
-        arr = slicer.util.arrayFromVolume(volumeNode)
+        return self._imageFromNode(volumeNode)
+
+    def _imageFromNode(self, node) -> sitk.Image:
+        """Voxels and geometry of any volume node (labelmaps too) as a SimpleITK image."""
+        arr = slicer.util.arrayFromVolume(node)
         m = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(m)
+        node.GetIJKToRASMatrix(m)
         origin, spacing, direction = geometry_from_ijk_to_ras(self._matrixToArray(m))
         img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
         img.SetOrigin(origin)
@@ -634,15 +638,7 @@ class LungNoduleAILogic:
         return [str(p) for p in targets.values()]
 
     def _labelImage(self, labelNode) -> sitk.Image:
-        arr = slicer.util.arrayFromVolume(labelNode)
-        m = vtk.vtkMatrix4x4()
-        labelNode.GetIJKToRASMatrix(m)
-        origin, spacing, direction = geometry_from_ijk_to_ras(self._matrixToArray(m))
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr).astype(np.uint16))
-        img.SetOrigin(origin)
-        img.SetSpacing(spacing)
-        img.SetDirection(direction)
-        return img
+        return sitk.Cast(self._imageFromNode(labelNode), sitk.sitkUInt16)
 
     def _writeSegmentation(self, segmentationNode, segmentIds: list[str], labels: sitk.Image, path: Path) -> None:
         """A Slicer .seg.nrrd of the exported labelmap with each segment's name, colour and tags as edited."""
