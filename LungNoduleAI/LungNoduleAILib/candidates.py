@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .geometry import lps_to_ras
 
-__all__ = ["Candidate", "extract_candidates", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung"]
+__all__ = ["Candidate", "extract_candidates", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung", "relabel"]
 
 
 @dataclass
@@ -88,7 +88,9 @@ def longest_axial_diameter_mm(mask_zyx: np.ndarray, spacing_xy_mm: Sequence[floa
     return float(best)
 
 
-def measure_candidates(labelmap: sitk.Image, ct_hu: sitk.Image, probability: sitk.Image | None = None) -> list[Candidate]:
+def measure_candidates(
+    labelmap: sitk.Image, ct_hu: sitk.Image, probability: sitk.Image | None = None, keep: Callable[[int, float], bool] | None = None
+) -> list[Candidate]:
     """Measure every label of ``labelmap`` (on the CT grid).
 
     Args:
@@ -96,6 +98,8 @@ def measure_candidates(labelmap: sitk.Image, ct_hu: sitk.Image, probability: sit
         ct_hu: CT in HU.
         probability: float probabilities on the same grid (optional: without
             it the probabilities are reported as 0).
+        keep: ``keep(voxels, volume_mm3)``; labels it rejects are not measured
+            (the per-slice diameter is the costly part).
 
     Returns:
         Candidates in label order (``id`` = label, ``rank`` = label).
@@ -114,6 +118,8 @@ def measure_candidates(labelmap: sitk.Image, ct_hu: sitk.Image, probability: sit
     out = []
     for lbl in shape.GetLabels():
         n = int(shape.GetNumberOfPixels(lbl))
+        if keep is not None and not keep(n, n * voxel_mm3):
+            continue
         x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
         centre_lps = list(shape.GetCentroid(lbl))
         crop = np.asarray(lab_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx]) == lbl
@@ -163,24 +169,29 @@ def extract_candidates(
         raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
     binary = sitk.BinaryThreshold(probability, float(threshold), 1e9, 1, 0)
     components = sitk.ConnectedComponent(binary, True)
-    raw = measure_candidates(components, ct_hu, probability)
-    raw = [c for c in raw if c.volume_mm3 >= min_volume_mm3]
+    raw = measure_candidates(components, ct_hu, probability, keep=lambda voxels, volume: volume >= min_volume_mm3)
     raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
     raw = raw[:max_candidates]
-    # relabel by rank
-    lut = np.zeros(max((c.id for c in raw), default=0) + 1, dtype=np.uint16)
-    for rank, c in enumerate(raw, start=1):
-        lut[c.id] = rank
-    comp_arr = sitk.GetArrayViewFromImage(components)
-    lab_arr = np.zeros(comp_arr.shape, np.uint16)
-    if raw:
-        valid = comp_arr < len(lut)
-        lab_arr[valid] = lut[comp_arr[valid]]
-    labelmap = sitk.GetImageFromArray(lab_arr)
-    labelmap.CopyInformation(ct_hu)
-    for rank, c in enumerate(raw, start=1):
-        c.id = c.rank = rank
+    labelmap = relabel(components, raw)
     return labelmap, raw
+
+
+def relabel(labelmap: sitk.Image, candidates: list[Candidate]) -> sitk.Image:
+    """uint16 labelmap where the voxels of ``candidates[i]`` (label ``candidates[i].id``) get label i+1,
+    everything else 0; the candidates' ``id`` and ``rank`` become i+1."""
+    lut = np.zeros(max((c.id for c in candidates), default=0) + 1, dtype=np.uint16)
+    for rank, c in enumerate(candidates, start=1):
+        lut[c.id] = rank
+    src = sitk.GetArrayViewFromImage(labelmap)
+    out = np.zeros(src.shape, np.uint16)
+    if candidates:
+        valid = src < len(lut)
+        out[valid] = lut[src[valid]]
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(labelmap)
+    for rank, c in enumerate(candidates, start=1):
+        c.id = c.rank = rank
+    return img
 
 
 def restrict_to_lung(probability: sitk.Image, lung_mask: sitk.Image, dilate_mm: float = 4.0) -> sitk.Image:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .candidates import Candidate
+from .candidates import Candidate, relabel
 
 __all__ = ["FEATURES", "candidate_features", "fit_rescorer", "apply_rescorer"]
 
@@ -106,15 +106,7 @@ def apply_rescorer(
     s = score(rescorer, candidate_features(candidates, labelmap, ct_hu, probability))
     cut = rescorer["threshold"] if threshold is None else threshold
     kept = sorted([(float(v), c) for v, c in zip(s, candidates) if v >= cut], key=lambda t: -t[0])
-    lut = np.zeros(max(c.id for c in candidates) + 1, np.uint16)
-    for rank, (v, c) in enumerate(kept, start=1):
-        lut[c.id] = rank
-    arr = lut[sitk.GetArrayViewFromImage(labelmap)]
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(labelmap)
-    result = []
-    for rank, (v, c) in enumerate(kept, start=1):
-        c.id = c.rank = rank
+    for v, c in kept:
         c.score = round(v, 4)
-        result.append(c)
-    return out, result
+    result = [c for _, c in kept]
+    return relabel(labelmap, result), result

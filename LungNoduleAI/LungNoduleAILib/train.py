@@ -37,7 +37,7 @@ import SimpleITK as sitk
 from .model import ModelSpec, build_network, save_model
 from .preprocess import compute_lung_mask, orient_lps, resample_like, resample_to_spacing, scale_intensity_uint8
 
-__all__ = ["mine_hard_negatives", "TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
+__all__ = ["mine_hard_negatives", "validation_series", "TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,13 @@ def _fit_cube(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
     return out
 
 
+def validation_series(series_uids: Sequence[str], val_fraction: float = 0.15, seed: int = 0) -> set[str]:
+    """The series held out for validation: the split every training and evaluation script shares."""
+    uniq = sorted(set(series_uids))
+    random.Random(seed).shuffle(uniq)
+    return set(uniq[: max(1, int(round(val_fraction * len(uniq))))])
+
+
 def prepare_training_data(
     data_dir: str | os.PathLike,
     spec: ModelSpec,
@@ -146,10 +153,7 @@ def prepare_training_data(
         cubes[n] = _fit_cube(scale_intensity_uint8(a, spec.hu_window), size, air)
         masks[n] = _fit_cube((sitk.GetArrayFromImage(msk) > 0).astype(np.uint8), size, 0)
     series = np.array([r["seriesuid"] for r in rows])
-    uniq = sorted(set(series))
-    rng = random.Random(seed)
-    rng.shuffle(uniq)
-    val_series = set(uniq[: max(1, int(round(val_fraction * len(uniq))))])
+    val_series = validation_series(series, val_fraction, seed)
     is_val = np.array([s in val_series for s in series])
     scans = []
     for name in scan_names:
@@ -176,7 +180,7 @@ def prepare_training_data(
         "cubes": len(rows),
         "train_cubes": int((~is_val).sum()),
         "val_cubes": int(is_val.sum()),
-        "series": len(uniq),
+        "series": len(set(series)),
         "val_series": len(val_series),
         "split_seed": seed,
         "scans": [n for n in scan_names],

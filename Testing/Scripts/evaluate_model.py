@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import SimpleITK as sitk
 from LungNoduleAILib.evaluate import Finding, evaluate, match_scan
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
-from LungNoduleAILib.train import lidc_marked_points_lps
+from LungNoduleAILib.train import lidc_marked_points_lps, validation_series
 
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -41,9 +40,7 @@ SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dict]:
     rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
-    uniq = sorted({r["seriesuid"] for r in rows})
-    random.Random(seed).shuffle(uniq)
-    val = set(uniq[: max(1, int(round(val_fraction * len(uniq))))])
+    val = validation_series([r["seriesuid"] for r in rows], val_fraction, seed)
     return [r for r in rows if r["seriesuid"] in val]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.model import ModelSpec, load_model
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.rescore import candidate_features, fit_rescorer, score
-from LungNoduleAILib.train import lidc_marked_points_lps
+from LungNoduleAILib.train import lidc_marked_points_lps, validation_series
 
 
 def main() -> None:
@@ -41,9 +40,7 @@ def main() -> None:
     model.spec.rescoring = None  # candidates as the network alone gives them
     detector = Detector(model)
     rows = list(csv.DictReader(open(args.data_dir / "cubes" / "cubes.csv", newline="")))
-    uniq = sorted({r["seriesuid"] for r in rows})
-    random.Random(args.seed).shuffle(uniq)
-    val = set(uniq[: max(1, int(round(0.15 * len(uniq))))])
+    val = validation_series([r["seriesuid"] for r in rows], 0.15, args.seed)
     X, y = [], []
     for r in rows:
         if r["seriesuid"] in val:
