@@ -1,4 +1,4 @@
-"""The ``lungnoduleai`` command line: detect, demo, evaluate, train, pack.
+"""The ``lungnoduleai`` command line: detect, demo, evaluate, export, train, pack.
 
 Exit status: 0 all inputs processed; 1 at least one input failed (the
 others were still processed); 2 bad command line; 3 cancelled (Ctrl-C).
@@ -150,6 +150,47 @@ def _add_evaluate(sub) -> None:
     p.add_argument("-o", "--output-dir", required=True)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export reviewed nodules (DICOM SEG and SR, NIfTI labels, CSV, JSON)",
+        description="Turn a reviewed segmentation (.seg.nrrd from Slicer or from lungnoduleai detect) and its source CT into export files: "
+        "<name>_reviewed_seg.dcm (DICOM SEG), <name>_reviewed_sr.dcm (DICOM SR, TID 1500 measurements), <name>_reviewed_labels.nii.gz, "
+        "<name>_reviewed_nodules.csv/.json and <name>_reviewed.seg.nrrd. Accepted segments are exported; rejected ones never.",
+    )
+    p.add_argument("segmentation", metavar="REVIEWED.seg.nrrd", help="reviewed segmentation file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dicom", metavar="SOURCE_DIR", help="the CT's DICOM series folder (needed for dcm-seg and dcm-sr)")
+    src.add_argument("--ct", metavar="FILE", help="the CT as a NIfTI/NRRD/MHA file (no DICOM formats then)")
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the files (created if missing)")
+    p.add_argument("--formats", default=None, help="comma-separated, any of seg.nrrd,nii.gz,csv,json,dcm-seg,dcm-sr (default: all that the CT allows)")
+    p.add_argument("--include-pending", action="store_true", help="also export segments not yet reviewed or flagged (rejected ones never)")
+    p.add_argument("--probability", metavar="FILE", help="the detection's _probability.nrrd: write a fractional (probability) DICOM SEG instead of a binary one")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def _run_export(args) -> int:
+    from .export import export_reviewed
+
+    try:
+        written = export_reviewed(
+            args.segmentation,
+            args.output_dir,
+            dicom=args.dicom,
+            ct_path=args.ct,
+            formats=args.formats.split(",") if args.formats else None,
+            include_pending=args.include_pending,
+            overwrite=args.overwrite,
+            probability_path=args.probability,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for kind, path in written.items():
+        print(f"{kind:9s} {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungnoduleai", description="Lung nodule detection in chest CT (LungNoduleAI engine).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -157,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect(sub)
     _add_demo(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     _add_train(sub)
     _add_pack(sub)
     return parser
@@ -308,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"detect": _run_detect, "demo": _run_demo, "evaluate": _run_evaluate, "train": _run_train, "pack": _run_pack}
+    handlers = {"detect": _run_detect, "demo": _run_demo, "evaluate": _run_evaluate, "export": _run_export, "train": _run_train, "pack": _run_pack}
     return handlers[args.command](args)
 
 

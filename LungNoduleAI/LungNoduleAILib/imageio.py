@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicomio import DicomSeries, is_dicom_file, read_dicom_folder
+
 __all__ = ["CTVolume", "read_ct", "validate_ct", "to_hu", "AIR_HU", "MIN_SLICES"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class CTVolume:
         series_uid: DICOM SeriesInstanceUID when read from DICOM, else ``None``.
         notes: human-readable remarks made while reading (e.g. which DICOM
             series was chosen).
+        dicom: the DICOM series the image was read from (files, SOP instance
+            UIDs, slice positions), ``None`` for other formats. DICOM SEG and SR
+            export reference these instances.
     """
 
     image: sitk.Image
@@ -48,6 +53,7 @@ class CTVolume:
     name: str
     series_uid: str | None = None
     notes: list[str] = field(default_factory=list)
+    dicom: DicomSeries | None = None
 
 
 def _strip_extensions(path: Path) -> str:
@@ -58,36 +64,14 @@ def _strip_extensions(path: Path) -> str:
     return path.stem
 
 
-def _read_dicom_dir(directory: Path) -> tuple[sitk.Image, str, list[str]]:
-    reader = sitk.ImageSeriesReader()
-    series_ids = reader.GetGDCMSeriesIDs(str(directory))
-    if not series_ids:
-        raise ValueError(
-            f"No DICOM series found in folder '{directory}'. Give a folder that contains "
-            "the CT's DICOM files, or a NIfTI/NRRD/MHA file."
-        )
-    notes = []
-    candidates = []
-    for sid in series_ids:
-        files = reader.GetGDCMSeriesFileNames(str(directory), sid)
-        candidates.append((len(files), sid, files))
-    candidates.sort(key=lambda c: c[0], reverse=True)
-    count, sid, files = candidates[0]
-    if len(candidates) > 1:
-        others = ", ".join(f"{s} ({n} files)" for n, s, _ in candidates[1:])
-        notes.append(f"Folder holds {len(candidates)} DICOM series; using the largest, {sid} ({count} files). Ignored: {others}.")
-    reader.SetFileNames(files)
-    image = reader.Execute()
-    return image, sid, notes
-
-
 def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
     """Read a CT volume from a file or a DICOM series folder.
 
     Args:
         path: a ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``
-            file, or a folder holding a DICOM series (the largest series is
-            used when there are several).
+            file, a folder holding a DICOM series (the largest CT series is
+            used when there are several; see :mod:`.dicomio`), or one DICOM
+            file of a series (its series is read from the file's folder).
         validate: refuse volumes that are not a usable CT (see
             :func:`validate_ct`).
 
@@ -103,11 +87,18 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
     if not p.exists():
         raise ValueError(f"Input '{p}' does not exist. Give the path of a CT file or DICOM folder.")
     series_uid = None
+    series = None
     notes: list[str] = []
     try:
-        if p.is_dir():
-            image, series_uid, notes = _read_dicom_dir(p)
-            name = p.name
+        if p.is_dir() or is_dicom_file(p):
+            wanted = None
+            if not p.is_dir():
+                import pydicom
+
+                wanted = str(pydicom.dcmread(str(p), stop_before_pixels=True).get("SeriesInstanceUID", "")) or None
+            image, series, notes = read_dicom_folder(p if p.is_dir() else p.parent, wanted)
+            series_uid = series.series_uid
+            name = p.name if p.is_dir() else p.parent.name
         else:
             image = sitk.ReadImage(str(p))
             name = _strip_extensions(p)
@@ -119,7 +110,7 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
     if validate:
         validate_ct(image, str(p))
     image = to_hu(image)
-    return CTVolume(image=image, path=str(p), name=name, series_uid=series_uid, notes=notes)
+    return CTVolume(image=image, path=str(p), name=name, series_uid=series_uid, notes=notes, dicom=series)
 
 
 def to_hu(image: sitk.Image) -> sitk.Image:

@@ -254,7 +254,7 @@ class Detector:
             t = time.perf_counter()
             write_probability(result.probability, out.tmp("probability"))
             write_labelmap(result.labelmap, out.tmp("labelmap"))
-            write_segmentation(result.labelmap, result.candidates, out.tmp("segmentation"))
+            write_segmentation(result.labelmap, result.candidates, out.tmp("segmentation"), model=f"{self.model.spec.name} {self.model.spec.version}")
             write_candidates_csv(result.candidates, out.tmp("csv"))
             if png:
                 write_overview_png(ct.image, result.probability, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)

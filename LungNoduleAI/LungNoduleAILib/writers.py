@@ -135,8 +135,8 @@ def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike) -> None:
     sitk.WriteImage(labelmap, str(path), useCompression=True)
 
 
-def segment_tags(candidate: Candidate, status: str = "notstarted") -> dict[str, str]:
-    """Segment tags stored with each candidate (Slicer ``Segment{i}_Tags``)."""
+def segment_tags(candidate: Candidate, status: str = "notstarted", model: str | None = None) -> dict[str, str]:
+    """Segment tags stored with each candidate (Slicer ``Segment{i}_Tags``); ``model`` is "name version"."""
     tags = {
         "Segmentation.Status": status,
         "TerminologyEntry": NODULE_TERMINOLOGY,
@@ -149,6 +149,8 @@ def segment_tags(candidate: Candidate, status: str = "notstarted") -> dict[str, 
     }
     if candidate.score is not None:
         tags["LungNoduleAI.Score"] = f"{candidate.score:.4f}"
+    if model:
+        tags["LungNoduleAI.Model"] = model
     return tags
 
 
@@ -157,15 +159,16 @@ def segment_name(candidate: Candidate) -> str:
     return f"Nodule {candidate.rank} ({candidate.diameter_mm:.1f} mm, p={candidate.probability:.2f})"
 
 
-def write_segmentation(labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike) -> None:
+def write_segmentation(labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike, model: str | None = None) -> None:
     """A Slicer segmentation file (``.seg.nrrd``): one segment per candidate.
 
     All segments share one layer (candidates never overlap); segment i has
     label value i, a name with size and probability, a colour, the SNOMED
-    "Nodule" terminology, review status "not started" and custom tags.
+    "Nodule" terminology, review status "not started" and custom tags
+    (``model``, "name version", identifies the detector in DICOM exports).
     """
     segments = [
-        {"id": f"Nodule_{c.rank}", "name": segment_name(c), "color": SEGMENT_COLORS[i % len(SEGMENT_COLORS)], "label": c.rank, "tags": segment_tags(c)}
+        {"id": f"Nodule_{c.rank}", "name": segment_name(c), "color": SEGMENT_COLORS[i % len(SEGMENT_COLORS)], "label": c.rank, "tags": segment_tags(c, model=model)}
         for i, c in enumerate(candidates)
     ]
     write_segmentation_labelmap(labelmap, segments, path)

@@ -1,0 +1,409 @@
+"""Exporting reviewed nodules from a Slicer ``.seg.nrrd``: labelmap, CSV, JSON, DICOM SEG and SR.
+
+:func:`read_segmentation` reads any Slicer segmentation file (one or several
+layers, cropped or not) with its segments' names, colours and tags.
+:func:`export_reviewed` is what ``lungnoduleai export`` runs: it keeps the
+accepted segments (and, if asked, the pending or flagged ones; never the
+rejected), measures them on the CT as edited, and writes every format
+asked for at once, or none (temporary files, then renames).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .candidates import Candidate, measure_candidates
+from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, tracking_uid
+from .imageio import CTVolume, read_ct, to_hu
+from .writers import SEGMENT_COLORS, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "DICOM_FORMATS",
+    "SegmentationFile",
+    "read_segmentation",
+    "review_status",
+    "algorithm_type",
+    "mask_sha1",
+    "export_paths",
+    "check_formats",
+    "export_reviewed",
+    "TAG_REVIEW",
+    "TAG_DETECTED",
+    "TAG_EDITED",
+    "TAG_MODEL",
+    "TAG_TRACKING_UID",
+]
+
+EXPORT_FORMATS = ("seg.nrrd", "nii.gz", "csv", "json", "dcm-seg", "dcm-sr")
+DICOM_FORMATS = ("dcm-seg", "dcm-sr")
+_SUFFIXES = {
+    "seg.nrrd": "_reviewed.seg.nrrd",
+    "nii.gz": "_reviewed_labels.nii.gz",
+    "csv": "_reviewed_nodules.csv",
+    "json": "_reviewed_nodules.json",
+    "dcm-seg": "_reviewed_seg.dcm",
+    "dcm-sr": "_reviewed_sr.dcm",
+}
+
+TAG_STATUS = "Segmentation.Status"
+TAG_REVIEW = "LungNoduleAI.ReviewStatus"
+TAG_REVIEWER = "LungNoduleAI.Reviewer"
+TAG_REVIEW_TIME = "LungNoduleAI.ReviewTime"
+TAG_DETECTED = "LungNoduleAI.DetectedMaskSha1"
+TAG_EDITED = "LungNoduleAI.Edited"
+TAG_MODEL = "LungNoduleAI.Model"
+TAG_TRACKING_UID = "LungNoduleAI.TrackingUID"
+TAG_PROBABILITY = "LungNoduleAI.Probability"
+TAG_RANK = "LungNoduleAI.Rank"
+
+
+def mask_sha1(mask: np.ndarray, bbox: Sequence[int]) -> str:
+    """Fingerprint of a segment as detected: its voxel bounding box ``[i0, j0, k0, i1, j1, k1]`` and cropped mask."""
+    h = hashlib.sha1(np.asarray(bbox, dtype=np.int64).tobytes())
+    h.update(np.packbits(np.asarray(mask).astype(bool)).tobytes())
+    return h.hexdigest()
+
+
+def review_status(tags: dict) -> str:
+    """``pending``/``accepted``/``rejected``/``flagged`` from our tag, else from Slicer's segment status."""
+    status = tags.get(TAG_REVIEW)
+    if status in ("pending", "accepted", "rejected", "flagged"):
+        return status
+    return {"completed": "accepted", "flagged": "flagged"}.get(tags.get(TAG_STATUS, ""), "pending")
+
+
+def algorithm_type(tags: dict, edited: bool) -> str:
+    """DICOM segment algorithm type: MANUAL (not from the detector), SEMIAUTOMATIC (edited) or AUTOMATIC."""
+    if TAG_DETECTED not in tags and TAG_RANK not in tags:
+        return "MANUAL"
+    return "SEMIAUTOMATIC" if edited else "AUTOMATIC"
+
+
+@dataclass
+class SegmentationFile:
+    """A Slicer segmentation file.
+
+    Attributes:
+        layers: one label image per layer (LPS geometry of the file).
+        segments: dicts with ``id``, ``name``, ``color``, ``layer``, ``label`` and ``tags``, in file order.
+        extent_offset: voxel offset ``(i, j, k)`` of the file's first voxel in
+            the reference image (Slicer crops files to their content).
+    """
+
+    layers: list
+    segments: list = field(default_factory=list)
+    extent_offset: tuple = (0, 0, 0)
+
+    def mask(self, index: int) -> np.ndarray:
+        """Boolean ``(k, j, i)`` mask of segment ``index`` on its layer's grid."""
+        seg = self.segments[index]
+        return sitk.GetArrayViewFromImage(self.layers[seg["layer"]]) == seg["label"]
+
+
+def _parse_tags(text: str) -> dict:
+    tags = {}
+    for item in text.split("|"):
+        if ":" in item:
+            k, v = item.split(":", 1)
+            tags[k] = v
+    return tags
+
+
+def read_segmentation(path: str | os.PathLike) -> SegmentationFile:
+    """Read a ``.seg.nrrd`` written by Slicer or by this engine.
+
+    Raises:
+        ValueError: the file is missing, not an image, or has no segment metadata.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"Segmentation file '{p}' does not exist.")
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise ValueError(f"Cannot read '{p}' as a segmentation (.seg.nrrd): {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
+    keys = set(img.GetMetaDataKeys())
+    if "Segment0_ID" not in keys and "Segment0_Name" not in keys:
+        raise ValueError(
+            f"'{p}' has no segment metadata (Segment0_...): it is an image, not a Slicer segmentation. "
+            "Give the .seg.nrrd saved from Slicer or written by lungnoduleai detect/export."
+        )
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        layers = [sitk.VectorIndexSelectionCast(img, i) for i in range(img.GetNumberOfComponentsPerPixel())]
+    else:
+        layers = [img]
+    layers = [sitk.Cast(layer, sitk.sitkUInt16) for layer in layers]
+    offset = (0, 0, 0)
+    if "Segmentation_ReferenceImageExtentOffset" in keys:
+        try:
+            offset = tuple(int(v) for v in img.GetMetaData("Segmentation_ReferenceImageExtentOffset").split()[:3])
+        except ValueError:
+            pass
+    segments = []
+    i = 0
+    while f"Segment{i}_ID" in keys or f"Segment{i}_Name" in keys:
+        def get(name, default=""):
+            key = f"Segment{i}_{name}"
+            return img.GetMetaData(key) if key in keys else default
+
+        try:
+            color = tuple(float(v) for v in get("Color", "1 0 0").split()[:3])
+        except ValueError:
+            color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
+        segments.append(
+            {
+                "id": get("ID", f"Segment_{i + 1}"),
+                "name": get("Name", f"Segment {i + 1}"),
+                "color": color,
+                "layer": int(get("Layer", "0") or 0),
+                "label": int(get("LabelValue", "1") or 1),
+                "tags": _parse_tags(get("Tags", "")),
+            }
+        )
+        i += 1
+    return SegmentationFile(layers=layers, segments=segments, extent_offset=offset)
+
+
+def _segment_edited(seg_file: SegmentationFile, index: int) -> bool:
+    tags = seg_file.segments[index]["tags"]
+    if tags.get(TAG_EDITED) in ("0", "1"):
+        return tags[TAG_EDITED] == "1"
+    detected = tags.get(TAG_DETECTED)
+    if detected is None:
+        return TAG_RANK not in tags  # a hand-drawn segment; a detector segment without fingerprint counts as unedited
+    mask = seg_file.mask(index)
+    nz = np.argwhere(mask)
+    if nz.size == 0:
+        return True
+    (k0, j0, i0), (k1, j1, i1) = nz.min(0), nz.max(0)
+    oi, oj, ok = seg_file.extent_offset
+    bbox = [int(i0 + oi), int(j0 + oj), int(k0 + ok), int(i1 + oi), int(j1 + oj), int(k1 + ok)]
+    return mask_sha1(mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1], bbox) != detected
+
+
+def export_paths(output_dir: str | os.PathLike, name: str, formats: Sequence[str]) -> dict[str, Path]:
+    """Output file of each format: ``<name>_reviewed.seg.nrrd``, ``_reviewed_labels.nii.gz``,
+    ``_reviewed_nodules.csv``/``.json``, ``_reviewed_seg.dcm``, ``_reviewed_sr.dcm``."""
+    return {f: Path(output_dir) / f"{name}{_SUFFIXES[f]}" for f in EXPORT_FORMATS if f in formats}
+
+
+def check_formats(formats: Sequence[str]) -> list[str]:
+    """The formats, validated: raises ``ValueError`` naming unknown ones."""
+    formats = [f.strip() for f in formats if f.strip()]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: use any of {', '.join(EXPORT_FORMATS)}.")
+    return formats
+
+
+def _base_name(seg_path: Path) -> str:
+    name = seg_path.name
+    for ext in (".seg.nrrd", ".nrrd", ".nhdr"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return name[: -len("_reviewed")] if name.endswith("_reviewed") else name
+
+
+def _model_of(tags: dict) -> tuple[str, str]:
+    parts = tags.get(TAG_MODEL, "").split()
+    if len(parts) >= 2:
+        return " ".join(parts[:-1]), parts[-1]
+    return "LungNoduleAI", __version__
+
+
+def write_dicom_outputs(
+    targets: dict[str, Path],
+    tmp_dir: Path,
+    layers: Sequence[sitk.Image],
+    segments: Sequence[ExportSegment],
+    ct: CTVolume,
+    model: tuple[str, str],
+    probability: sitk.Image | None = None,
+    reviewer: str | None = None,
+) -> None:
+    """Write the ``dcm-seg`` and/or ``dcm-sr`` targets (in ``tmp_dir``) for segments of a CT read from DICOM.
+
+    Raises:
+        ValueError: the CT did not come from a DICOM series (what to do is in the message).
+    """
+    wanted = [f for f in DICOM_FORMATS if f in targets]
+    if not wanted:
+        return
+    if ct.dicom is None:
+        raise ValueError(
+            f"DICOM {' and '.join(w.upper().replace('DCM-', '') for w in wanted)} export needs the CT's DICOM series, but '{ct.path}' is not DICOM. "
+            "Give the source DICOM folder (lungnoduleai export --dicom DIR; in Slicer load the CT through the DICOM module), "
+            "or export only seg.nrrd, nii.gz, csv and json."
+        )
+    seg_ds = make_dicom_seg(layers, segments, ct.dicom, model[0], model[1], __version__, probability=probability, content_creator=reviewer)
+    if "dcm-seg" in targets:
+        seg_ds.save_as(str(tmp_dir / targets["dcm-seg"].name))
+    if "dcm-sr" in targets:
+        sr = make_dicom_sr(seg_ds, segments, ct.dicom, model[0], model[1], __version__, observer=reviewer)
+        sr.save_as(str(tmp_dir / targets["dcm-sr"].name))
+
+
+def export_reviewed(
+    seg_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dicom: str | os.PathLike | None = None,
+    ct_path: str | os.PathLike | None = None,
+    formats: Sequence[str] | None = None,
+    include_pending: bool = False,
+    overwrite: bool = False,
+    probability_path: str | os.PathLike | None = None,
+) -> dict[str, Path]:
+    """Turn a reviewed ``.seg.nrrd`` plus its CT into export files.
+
+    Args:
+        seg_path: the segmentation (detector output reviewed in Slicer, or a
+            ``*_reviewed.seg.nrrd`` export).
+        output_dir: folder for the files (created).
+        dicom: the source CT's DICOM folder (needed for ``dcm-seg``/``dcm-sr``).
+        ct_path: the CT as a file, when there is no DICOM.
+        formats: any of :data:`EXPORT_FORMATS`; default all that the CT allows.
+        include_pending: also export pending and flagged segments (rejected never).
+        overwrite: replace existing files.
+        probability_path: a ``*_probability.nrrd``: makes the DICOM SEG fractional
+            (probability inside each reviewed mask) instead of binary.
+
+    Returns:
+        The written files by format.
+
+    Raises:
+        ValueError: every refusal, with what to do: no CT given, unknown format,
+            DICOM formats without DICOM, unreviewed segments, nothing accepted,
+            empty segments, segments outside the CT, existing files, unwritable folder.
+    """
+    seg_path = Path(seg_path)
+    if dicom is None and ct_path is None:
+        raise ValueError("Give the CT the segmentation belongs to: --dicom SOURCE_DIR (needed for DICOM SEG/SR) or --ct FILE.")
+    if formats is None:
+        formats = list(EXPORT_FORMATS[1:]) if dicom is not None else ["nii.gz", "csv", "json"]
+    formats = check_formats(formats)
+    if dicom is None and any(f in DICOM_FORMATS for f in formats):
+        raise ValueError(
+            f"DICOM SEG/SR export needs the CT's DICOM series, but the CT given ('{ct_path}') is not DICOM. "
+            "Give the source DICOM folder with --dicom, or leave dcm-seg and dcm-sr out of --formats."
+        )
+    seg_file = read_segmentation(seg_path)
+    ct = read_ct(dicom if dicom is not None else ct_path)
+    statuses = [review_status(s["tags"]) for s in seg_file.segments]
+    unresolved = [s["name"] for s, st in zip(seg_file.segments, statuses) if st in ("pending", "flagged")]
+    if unresolved and not include_pending:
+        raise ValueError(
+            f"{len(unresolved)} segment(s) not yet accepted or rejected: {', '.join(unresolved)}. Review them in Slicer, or export with --include-pending."
+        )
+    chosen = [i for i, st in enumerate(statuses) if st == "accepted" or (include_pending and st in ("pending", "flagged"))]
+    if not chosen:
+        raise ValueError(f"No accepted segments in '{seg_path}' ({len(statuses)} segment(s): {', '.join(sorted(set(statuses))) or 'none'}). Accept at least one nodule first.")
+
+    # one label image on the CT grid: value n = n-th exported segment
+    ct_hu = to_hu(ct.image)
+    resampled = [sitk.Resample(layer, ct_hu, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16) for layer in seg_file.layers]
+    arr = np.zeros(sitk.GetArrayViewFromImage(ct_hu).shape, np.uint16)
+    for n, i in enumerate(chosen, start=1):
+        seg = seg_file.segments[i]
+        arr[sitk.GetArrayViewFromImage(resampled[seg["layer"]]) == seg["label"]] = n
+    labels = sitk.GetImageFromArray(arr)
+    labels.CopyInformation(ct_hu)
+    present = set(np.unique(arr).tolist())
+    empty = [seg_file.segments[i]["name"] for n, i in enumerate(chosen, start=1) if n not in present]
+    if empty:
+        raise ValueError(
+            f"Segment(s) {', '.join(empty)} have no voxel inside the CT given: empty, or the segmentation belongs to another series. "
+            "Check that --dicom/--ct is the CT the nodules were marked on, and reject or redraw empty segments."
+        )
+    measured = measure_candidates(labels, ct_hu)
+    name = _base_name(seg_path)
+    targets = export_paths(output_dir, name, formats)
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"Export files already exist: {', '.join(existing)}. Use --overwrite, or another --output-dir.")
+    records, export_segments = [], []
+    for n, (i, m) in enumerate(zip(chosen, measured), start=1):
+        seg = seg_file.segments[i]
+        tags = seg["tags"]
+        edited = _segment_edited(seg_file, i)
+        prob = float(tags[TAG_PROBABILITY]) if TAG_PROBABILITY in tags else None
+        kind = algorithm_type(tags, edited)
+        records.append(
+            {
+                **m.to_dict(),
+                "id": n,
+                "rank": n,
+                "segment_id": seg["id"],
+                "name": seg["name"],
+                "review_status": statuses[i],
+                "reviewer": tags.get(TAG_REVIEWER, ""),
+                "review_time": tags.get(TAG_REVIEW_TIME, ""),
+                "edited": edited,
+                "algorithm_type": kind,
+                "detection_rank": int(tags[TAG_RANK]) if tags.get(TAG_RANK, "").isdigit() else None,
+                "probability": prob if prob is not None else 0.0,
+            }
+        )
+        uid = tags.get(TAG_TRACKING_UID) or tracking_uid(ct.series_uid or name, seg["id"], tags.get(TAG_DETECTED, seg["name"]))
+        export_segments.append(
+            ExportSegment(
+                label=seg["name"],
+                layer=0,
+                label_value=n,
+                algorithm_type=kind,
+                tracking_id=f"Nodule {n}",
+                tracking_uid=uid,
+                measurements={**m.to_dict(), "probability": prob},
+                color=seg["color"],
+            )
+        )
+        records[-1]["tracking_uid"] = uid
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=output_dir))
+    except OSError as exc:
+        raise ValueError(f"Cannot write to export folder '{output_dir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
+    try:
+        if "nii.gz" in targets:
+            sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
+        if "seg.nrrd" in targets:
+            segments = [
+                {"id": seg_file.segments[i]["id"], "name": seg_file.segments[i]["name"], "color": seg_file.segments[i]["color"], "label": n,
+                 "tags": {**seg_file.segments[i]["tags"], TAG_TRACKING_UID: r["tracking_uid"], TAG_EDITED: "1" if r["edited"] else "0"}}
+                for n, (i, r) in enumerate(zip(chosen, records), start=1)
+            ]
+            write_segmentation_labelmap(labels, segments, tmp / targets["seg.nrrd"].name)
+        if "csv" in targets:
+            write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], tmp / targets["csv"].name)
+        if "json" in targets:
+            write_json(
+                {
+                    "segmentation": str(seg_path),
+                    "source": ct.path,
+                    "source_series_uid": ct.series_uid,
+                    "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "left_out": {seg_file.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen},
+                    "nodules": records,
+                },
+                tmp / targets["json"].name,
+            )
+        reviewers = [r["reviewer"] for r in records if r["reviewer"]]
+        probability = read_probability(probability_path) if probability_path else None
+        write_dicom_outputs(targets, tmp, [labels], export_segments, ct, _model_of(seg_file.segments[chosen[0]]["tags"]), probability, reviewers[0] if reviewers else None)
+        for target in targets.values():
+            os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return targets
