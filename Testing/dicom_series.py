@@ -118,7 +118,7 @@ def write_ct_series(
 
 
 def write_tilted_series(folder: str | Path, tilt_deg: float, sphere_center_lps: tuple, sphere_radius_mm: float, size=(64, 64, 40), spacing=(1.0, 1.0, 2.0)) -> dict:
-    """A gantry-tilted series of an analytic phantom: a 300 HU sphere in -800 HU lung.
+    """A gantry-tilted series of an analytic phantom: a 300 HU sphere in -800 HU lung beside a 40 HU chest wall (x < -22 mm).
 
     Image planes are tilted by ``tilt_deg`` about the patient's x axis while the
     table (slice positions) advances along z, as a tilted gantry acquires them.
@@ -148,7 +148,7 @@ def write_tilted_series(folder: str | Path, tilt_deg: float, sphere_center_lps: 
         ds.GantryDetectorTilt = f"{tilt_deg:.2f}"
         ds.KVP = "120"
         ds.AcquisitionNumber = 1
-        _pixels(ds, np.where(inside, 300.0, -800.0))
+        _pixels(ds, np.where(inside, 300.0, np.where(pts[..., 0] < -22.0, 40.0, -800.0)))
         path = folder / f"T{k:04d}.dcm"
         ds.save_as(str(path), enforce_file_format=True)
         files.append(str(path))

@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import SAMPLE_CT, oblique_direction, shared, synthetic_ct
+from dicom_series import write_ct_series
 from LungNoduleAILib.imageio import read_ct, validate_ct
 
 
@@ -57,24 +58,13 @@ def test_real_dicom_series_geometry_and_rescale():
 
 def test_dicom_folder_with_two_series_uses_the_largest(tmp_path):
     folder = shared("dicom", "ct-64")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
-    for f in files:
+    for f in folder.glob("*.dcm"):
         shutil.copy(f, tmp_path)
-    # a second, smaller series (e.g. a localizer) written into the same folder
-    small = synthetic_ct(size_xyz=(32, 32, 20))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(20):
-        sl = small[:, :, k]
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.99.1")
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0060", "CT")
-        sl.SetMetaData("0020|0032", "\\".join(map(str, small.TransformIndexToPhysicalPoint((0, 0, k)))))
-        writer.SetFileName(str(tmp_path / f"other{k:03d}.dcm"))
-        writer.Execute(sl)
+    # a second, smaller CT series written into the same folder
+    small = write_ct_series(synthetic_ct(size_xyz=(32, 32, 20)), tmp_path)
     ct = read_ct(tmp_path)
     assert ct.image.GetSize()[2] == 79
-    assert any("2 DICOM series" in n for n in ct.notes)
+    assert any("2 CT image stacks" in n and small["series_uid"] in n for n in ct.notes)
 
 
 def test_sample_reads_as_ct():

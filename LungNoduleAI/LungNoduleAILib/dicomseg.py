@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -102,11 +103,27 @@ def _clean(ds):
     return ds
 
 
+def _person_name(name: str | None) -> str | None:
+    """A login or display name as a DICOM person name (one component: family name, marked with a caret)."""
+    if not name:
+        return None
+    return name if "^" in name else name.replace("^", " ") + "^"
+
+
 def source_datasets(series: DicomSeries) -> list:
-    """Headers (no pixel data) of the series' instances, in slice order, with text values tidied."""
+    """Headers (no pixel data) of the series' instances, in slice order, with text values tidied.
+
+    A missing or empty Slice Thickness (type 2 in CT, needed for the SEG's
+    pixel measures) is set, in these copies only, to the slice step.
+    """
     import pydicom
 
-    return [_clean(pydicom.dcmread(f, stop_before_pixels=True)) for f in series.files]
+    datasets = [_clean(pydicom.dcmread(f, stop_before_pixels=True)) for f in series.files]
+    step = float(np.median(np.diff(series.positions_lps_mm @ series.normal))) if len(series) > 1 else 1.0
+    for ds in datasets:
+        if ds.get("SliceThickness") in (None, ""):
+            ds.SliceThickness = f"{step:.6g}"
+    return datasets
 
 
 def _slice_reference(series: DicomSeries, k: int) -> sitk.Image:
@@ -169,7 +186,7 @@ def masks_on_source_slices(
             if d[k] < proj.min() - 1e-3 or d[k] > proj.max() + 1e-3:
                 continue
             ref = ref if ref is not None else _slice_reference(series, k)
-            sampled = sitk.GetArrayViewFromImage(sitk.Resample(crop, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, crop.GetPixelID()))[0]
+            sampled = sitk.GetArrayFromImage(sitk.Resample(crop, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, crop.GetPixelID()))[0]
             for si, seg in enumerate(segments):
                 if seg.layer != li:
                     continue
@@ -181,7 +198,7 @@ def masks_on_source_slices(
         if stack is None:
             continue
         if probability is not None:
-            p = sitk.GetArrayViewFromImage(sitk.Resample(probability, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))[0]
+            p = sitk.GetArrayFromImage(sitk.Resample(probability, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))[0]
             stack = np.where(stack > 0, np.maximum(np.asarray(p)[..., None], 1.0 / 255.0), 0.0).astype(np.float32)
         frames.append(k)
         per_frame.append(stack)
@@ -253,15 +270,18 @@ def make_dicom_seg(
         )
     orientation = hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, [float(v) for v in series.orientation])
     positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(v) for v in series.positions_lps_mm[k]]) for k in frames]
-    thickness = sources[0].get("SliceThickness")
-    measures = hd.PixelMeasuresSequence(
-        pixel_spacing=[float(v) for v in series.pixel_spacing_mm],
-        slice_thickness=float(thickness) if thickness not in (None, "") else float(np.median(np.diff(series.positions_lps_mm @ np.cross(series.orientation[:3], series.orientation[3:]))) if len(series) > 1 else 1.0),
-    )
+    measures = hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in series.pixel_spacing_mm], slice_thickness=float(sources[0].SliceThickness))
+    with warnings.catch_warnings():
+        # names copied from the source such as "Anonymous" make highdicom warn; they are the hospital's, kept as they are
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        return _segmentation(hd, sources, masks, descriptions, series_number, model_name, software_version, content_creator, orientation, positions, measures, probability is not None)
+
+
+def _segmentation(hd, sources, masks, descriptions, series_number, model_name, software_version, content_creator, orientation, positions, measures, fractional):
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=masks,
-        segmentation_type="FRACTIONAL" if probability is not None else "BINARY",
+        segmentation_type="FRACTIONAL" if fractional else "BINARY",
         fractional_type="PROBABILITY",
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -274,7 +294,7 @@ def make_dicom_seg(
         device_serial_number="0",
         content_description="Lung nodules reviewed in LungNoduleAI"[:64],
         content_label="NODULES",
-        content_creator_name=content_creator or None,
+        content_creator_name=_person_name(content_creator),
         plane_orientation=orientation,
         plane_positions=positions,
         pixel_measures=measures,
@@ -321,7 +341,7 @@ def make_dicom_sr(seg_dataset, segments: Sequence[ExportSegment], series: DicomS
     )
     person = None
     if observer:
-        person = hd.sr.ObserverContext(observer_type=codes.DCM.Person, observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=observer))
+        person = hd.sr.ObserverContext(observer_type=codes.DCM.Person, observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=_person_name(observer)))
     context = hd.sr.ObservationContext(observer_person_context=person, observer_device_context=device)
     algorithm = hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64])
     groups = []
@@ -378,8 +398,10 @@ def seg_masks_on_slices(seg_path: str | os.PathLike) -> tuple[dict, dict]:
     pixels = seg.pixel_array
     if pixels.ndim == 2:
         pixels = pixels[None]
+    shared = seg.SharedFunctionalGroupsSequence[0]
     for f, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ident = frame if "SegmentIdentificationSequence" in frame else shared  # one segment: in the shared groups
+        number = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         sop = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         out.setdefault(number, {})[sop] = pixels[f]
     return out, labels

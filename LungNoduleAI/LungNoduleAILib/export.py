@@ -11,7 +11,6 @@ asked for at once, or none (temporary files, then renames).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from . import __version__
 from .candidates import Candidate, measure_candidates
 from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, tracking_uid
 from .imageio import CTVolume, read_ct, to_hu
-from .writers import SEGMENT_COLORS, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
+from .writers import SEGMENT_COLORS, mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -67,13 +66,6 @@ TAG_MODEL = "LungNoduleAI.Model"
 TAG_TRACKING_UID = "LungNoduleAI.TrackingUID"
 TAG_PROBABILITY = "LungNoduleAI.Probability"
 TAG_RANK = "LungNoduleAI.Rank"
-
-
-def mask_sha1(mask: np.ndarray, bbox: Sequence[int]) -> str:
-    """Fingerprint of a segment as detected: its voxel bounding box ``[i0, j0, k0, i1, j1, k1]`` and cropped mask."""
-    h = hashlib.sha1(np.asarray(bbox, dtype=np.int64).tobytes())
-    h.update(np.packbits(np.asarray(mask).astype(bool)).tobytes())
-    return h.hexdigest()
 
 
 def review_status(tags: dict) -> str:

@@ -9,6 +9,7 @@ partial files and never overwrites unless asked.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "write_json",
     "write_overview_png",
     "segment_tags",
+    "mask_sha1",
     "NODULE_TERMINOLOGY",
     "SEGMENT_COLORS",
 ]
@@ -154,6 +156,23 @@ def segment_tags(candidate: Candidate, status: str = "notstarted", model: str | 
     return tags
 
 
+def mask_sha1(mask: np.ndarray, bbox: Sequence[int]) -> str:
+    """Fingerprint of a segment as detected: its voxel bounding box ``[i0, j0, k0, i1, j1, k1]`` and cropped mask.
+
+    Stored as tag ``LungNoduleAI.DetectedMaskSha1``; a segment whose voxels no
+    longer give the same fingerprint was edited by the annotator.
+    """
+    h = hashlib.sha1(np.asarray(bbox, dtype=np.int64).tobytes())
+    h.update(np.packbits(np.asarray(mask).astype(bool)).tobytes())
+    return h.hexdigest()
+
+
+def detected_fingerprint(labelmap_zyx: np.ndarray, candidate: Candidate) -> str:
+    """:func:`mask_sha1` of ``candidate`` in the candidates labelmap (array ``(k, j, i)``)."""
+    i0, j0, k0, i1, j1, k1 = candidate.bbox_ijk
+    return mask_sha1(np.asarray(labelmap_zyx[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]) == candidate.id, candidate.bbox_ijk)
+
+
 def segment_name(candidate: Candidate) -> str:
     """Display name such as ``Nodule 1 (12.3 mm, p=0.97)``."""
     return f"Nodule {candidate.rank} ({candidate.diameter_mm:.1f} mm, p={candidate.probability:.2f})"
@@ -167,8 +186,15 @@ def write_segmentation(labelmap: sitk.Image, candidates: Sequence[Candidate], pa
     "Nodule" terminology, review status "not started" and custom tags
     (``model``, "name version", identifies the detector in DICOM exports).
     """
+    arr = sitk.GetArrayViewFromImage(labelmap)
     segments = [
-        {"id": f"Nodule_{c.rank}", "name": segment_name(c), "color": SEGMENT_COLORS[i % len(SEGMENT_COLORS)], "label": c.rank, "tags": segment_tags(c, model=model)}
+        {
+            "id": f"Nodule_{c.rank}",
+            "name": segment_name(c),
+            "color": SEGMENT_COLORS[i % len(SEGMENT_COLORS)],
+            "label": c.rank,
+            "tags": {**segment_tags(c, model=model), "LungNoduleAI.DetectedMaskSha1": detected_fingerprint(arr, c)},
+        }
         for i, c in enumerate(candidates)
     ]
     write_segmentation_labelmap(labelmap, segments, path)

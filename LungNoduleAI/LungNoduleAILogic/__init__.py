@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import getpass
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
 from LungNoduleAILib.rescore import apply_rescorer
 from LungNoduleAILib.writers import (
     SEGMENT_COLORS,
+    mask_sha1,
     read_probability,
     segment_name,
     segment_tags,
@@ -109,12 +109,6 @@ def _segmentationsLogic():
     if modules is not None and hasattr(modules, "segmentations"):
         return modules.segmentations.logic()
     return slicer.vtkSlicerSegmentationsModuleLogic
-
-
-def _maskSha1(mask: np.ndarray, bbox: Sequence[int]) -> str:
-    h = hashlib.sha1(np.asarray(bbox, dtype=np.int64).tobytes())
-    h.update(np.packbits(mask.astype(bool)).tobytes())
-    return h.hexdigest()
 
 
 class LungNoduleAILogic:
@@ -327,7 +321,7 @@ class LungNoduleAILogic:
         segment = segNode.GetSegmentation().GetSegment(segmentId)
         for key, value in segment_tags(c).items():
             segment.SetTag(key, value)
-        segment.SetTag(TAG_DETECTED, _maskSha1(mask, cand["bbox_ijk"]))
+        segment.SetTag(TAG_DETECTED, mask_sha1(mask, cand["bbox_ijk"]))
         segment.SetTag("LungNoduleAI.CenterRAS", " ".join(f"{v:.2f}" for v in cand["center_ras_mm"]))
         _segmentationsLogic().SetSegmentStatus(segment, slicer.vtkSlicerSegmentationsModuleLogic.NotStarted)
         return segmentId
@@ -436,7 +430,7 @@ class LungNoduleAILogic:
         if detected is None:
             return True  # not made by the detector
         arr, bbox = self._segmentMask(segmentationNode, segmentId)
-        return _maskSha1(arr, bbox) != detected
+        return mask_sha1(arr, bbox) != detected
 
     def _segmentMask(self, segmentationNode, segmentId: str) -> tuple[np.ndarray, list[int]]:
         """The segment's voxels cropped to their bounding box ``[i0, j0, k0, i1, j1, k1]`` (segmentation's own grid)."""
