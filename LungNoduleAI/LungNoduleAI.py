@@ -197,6 +197,23 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ dependencies
 
+    def ensurePackage(self, importName: str, requirement: str) -> bool:
+        """Install one optional package with pip after asking; False if the user declined or it cannot be imported yet."""
+        if importlib.util.find_spec(importName) is not None:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            _("This export needs the Python package '{package}', which is not installed. Install it now (from PyPI)?").format(package=requirement),
+            windowTitle=_("Install {package}").format(package=importName),
+        ):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(requirement)
+        importlib.invalidate_caches()
+        if importlib.util.find_spec(importName) is None:
+            slicer.util.errorDisplay(_("'{package}' was installed but cannot be imported yet: restart Slicer and export again.").format(package=importName))
+            return False
+        return True
+
     def ensureDependencies(self) -> bool:
         """Make sure torch and the engine's packages can be imported; ask before installing anything."""
         if importlib.util.find_spec("torch") is None:
@@ -439,10 +456,15 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError(_("Select the nodule segmentation to export."))
             volume = seg.GetNodeReference("LungNoduleAI.SourceVolume") or self._parameterNode.inputVolume
             formats = [fmt for fmt, box in (("seg.nrrd", self.ui.exportSegNrrdCheckBox), ("nii.gz", self.ui.exportNiftiCheckBox),
-                                            ("csv", self.ui.exportCsvCheckBox), ("json", self.ui.exportJsonCheckBox)) if box.checked]
+                                            ("csv", self.ui.exportCsvCheckBox), ("json", self.ui.exportJsonCheckBox),
+                                            ("dcm-seg", self.ui.exportDicomSegCheckBox), ("dcm-sr", self.ui.exportDicomSrCheckBox)) if box.checked]
+            if ("dcm-seg" in formats or "dcm-sr" in formats) and not self.ensurePackage("highdicom", "highdicom>=0.26"):
+                return
             ids = self.logic.candidateSegmentIds(seg)
             pending = [sid for sid in ids if self.logic.candidateStatus(seg, sid) in ("pending", "flagged")]
-            paths = self.logic.exportReviewed(seg, volume, self.ui.exportDirectoryButton.directory, formats, includePending=self.ui.includePendingCheckBox.checked)
+            # DICOM files come from the DICOM database through the volume's DICOM.instanceUIDs (see the Logic)
+            paths = self.logic.exportReviewed(seg, volume, self.ui.exportDirectoryButton.directory, formats, includePending=self.ui.includePendingCheckBox.checked,
+                                              segmentationType="fractional" if self.ui.fractionalSegCheckBox.checked else "binary")
             message = _("Wrote:\n{files}").format(files="\n".join(paths))
             if pending:
                 message += "\n\n" + _("Warning: {count} candidate(s) are still pending or flagged.").format(count=len(pending))

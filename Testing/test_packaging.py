@@ -34,6 +34,9 @@ EXPECTED_CLASSES = {
     "exportNiftiCheckBox": "QCheckBox",
     "exportCsvCheckBox": "QCheckBox",
     "exportJsonCheckBox": "QCheckBox",
+    "exportDicomSegCheckBox": "QCheckBox",
+    "exportDicomSrCheckBox": "QCheckBox",
+    "fractionalSegCheckBox": "QCheckBox",
     "includePendingCheckBox": "QCheckBox",
     "exportButton": "QPushButton",
 }

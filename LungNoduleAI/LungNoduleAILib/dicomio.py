@@ -30,6 +30,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -119,24 +120,35 @@ def _sop_class_name(uid: str) -> str:
         return uid
 
 
-def scan_dicom_folder(directory: str | os.PathLike) -> tuple[list[DicomSeries], list[str]]:
+def scan_dicom_folder(directory: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[DicomSeries], list[str]]:
     """Read the headers of every file under ``directory`` (recursively) and group the CT slices.
+
+    Args:
+        directory: a folder, or a list of files (e.g. the instances a DICOM
+            database holds for one volume).
 
     Returns:
         ``(stacks, ignored)``: the CT stacks, largest first, and one line per
         kind of file that was set aside, with its count and reason.
 
     Raises:
-        ValueError: ``directory`` is not a folder.
+        ValueError: ``directory`` is neither a folder nor a list of files.
     """
     pydicom = _require_pydicom()
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"'{directory}' is not a folder: give the folder that holds the CT's DICOM files.")
+    if isinstance(directory, (str, os.PathLike)):
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"'{directory}' is not a folder: give the folder that holds the CT's DICOM files.")
+        paths = sorted(p for p in directory.rglob("*") if p.is_file())
+    else:
+        paths = [Path(p) for p in directory]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} DICOM file(s) not found, e.g. '{missing[0]}'. Re-import the series into the DICOM database.")
     ignored: dict[str, int] = defaultdict(int)
     groups: dict[tuple, list] = defaultdict(list)
     meta: dict[tuple, dict] = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in paths:
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         except Exception:
@@ -215,7 +227,7 @@ def scan_dicom_folder(directory: str | os.PathLike) -> tuple[list[DicomSeries], 
     return stacks, [f"{n} file(s): {reason}" for reason, n in sorted(ignored.items())]
 
 
-def choose_ct_series(directory: str | os.PathLike, series_uid: str | None = None) -> tuple[DicomSeries, list[str]]:
+def choose_ct_series(directory: str | os.PathLike | Sequence[str | os.PathLike], series_uid: str | None = None) -> tuple[DicomSeries, list[str]]:
     """The CT stack to read from ``directory``: the given series, else the one with most slices.
 
     Returns:
@@ -359,7 +371,7 @@ def read_dicom_series(series: DicomSeries) -> tuple[sitk.Image, list[str]]:
     return image, notes
 
 
-def read_dicom_folder(directory: str | os.PathLike, series_uid: str | None = None) -> tuple[sitk.Image, DicomSeries, list[str]]:
+def read_dicom_folder(directory: str | os.PathLike | Sequence[str | os.PathLike], series_uid: str | None = None) -> tuple[sitk.Image, DicomSeries, list[str]]:
     """Choose the CT series in ``directory`` and read it: ``(image in HU, series, notes)``."""
     series, notes = choose_ct_series(directory, series_uid)
     image, more = read_dicom_series(series)

@@ -30,6 +30,9 @@ import vtk
 from LungNoduleAILib.candidates import Candidate, extract_candidates, measure_candidates
 from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
 from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
+from LungNoduleAILib.dicomseg import ExportSegment, tracking_uid
+from LungNoduleAILib.export import DICOM_FORMATS, TAG_EDITED, TAG_MODEL, TAG_TRACKING_UID, algorithm_type, check_formats, export_paths, write_dicom_outputs
+from LungNoduleAILib.export import EXPORT_FORMATS as ENGINE_EXPORT_FORMATS
 from LungNoduleAILib.rescore import apply_rescorer
 from LungNoduleAILib.writers import (
     SEGMENT_COLORS,
@@ -45,7 +48,9 @@ from LungNoduleAILib.writers import (
 __all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
 
 REVIEW_STATUSES = ("pending", "accepted", "rejected", "flagged")
-EXPORT_FORMATS = ("seg.nrrd", "nii.gz", "csv", "json")
+EXPORT_FORMATS = ENGINE_EXPORT_FORMATS
+ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
+"""Attribute Slicer's DICOM module sets on a volume it loaded: the SOP Instance UIDs of its slices."""
 
 TAG_REVIEW = "LungNoduleAI.ReviewStatus"
 TAG_REVIEWER = "LungNoduleAI.Reviewer"
@@ -68,6 +73,9 @@ KNOWN_TAGS = (
     TAG_REVIEWER,
     TAG_REVIEW_TIME,
     TAG_DETECTED,
+    TAG_MODEL,
+    TAG_TRACKING_UID,
+    TAG_EDITED,
 )
 """Segment tags carried into exported .seg.nrrd files (vtkSegment cannot list its tags)."""
 
@@ -287,6 +295,7 @@ class LungNoduleAILogic:
         segNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(f"{baseName} nodules"))
         segNode.CreateDefaultDisplayNodes()
         segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segNode.SetAttribute(ATTR_MODEL, json.dumps(report.get("model", {})))
         labelArr = sitk.GetArrayViewFromImage(labelmap)
         for i, cand in enumerate(candidates):
             self._addCandidateSegment(segNode, labelmap, labelArr, cand, i)
@@ -300,7 +309,6 @@ class LungNoduleAILogic:
         segNode.SetNodeReferenceID(REF_TABLE, tableNode.GetID())
         segNode.SetNodeReferenceID(REF_VOLUME, volumeNode.GetID())
         segNode.SetAttribute(ATTR_THRESHOLD, str(threshold))
-        segNode.SetAttribute(ATTR_MODEL, json.dumps(report.get("model", {})))
         self.updateTable(segNode)
         return LungNoduleAIResult(probNode, labelNode, segNode, tableNode, candidates, report)
 
@@ -319,7 +327,8 @@ class LungNoduleAILogic:
         c = Candidate(**{k: cand[k] for k in Candidate.__dataclass_fields__ if k in cand})
         segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, segment_name(c), color)
         segment = segNode.GetSegmentation().GetSegment(segmentId)
-        for key, value in segment_tags(c).items():
+        model = json.loads(segNode.GetAttribute(ATTR_MODEL) or "{}")
+        for key, value in segment_tags(c, model=f"{model['name']} {model['version']}" if model.get("name") else None).items():
             segment.SetTag(key, value)
         segment.SetTag(TAG_DETECTED, mask_sha1(mask, cand["bbox_ijk"]))
         segment.SetTag("LungNoduleAI.CenterRAS", " ".join(f"{v:.2f}" for v in cand["center_ras_mm"]))
@@ -524,9 +533,11 @@ class LungNoduleAILogic:
         segmentationNode,
         referenceVolumeNode,
         outputDir: str,
-        formats: Sequence[str] = EXPORT_FORMATS,
+        formats: Sequence[str] = ("seg.nrrd", "nii.gz", "csv", "json"),
         includePending: bool = False,
         overwrite: bool = False,
+        dicomSource: str | Sequence[str] | None = None,
+        segmentationType: str = "binary",
     ) -> list[str]:
         """Export the accepted candidates as the annotator left them.
 
@@ -536,19 +547,30 @@ class LungNoduleAILogic:
 
         Files (``<volume>`` = the reference volume's name): ``<volume>_reviewed.seg.nrrd``,
         ``<volume>_reviewed_labels.nii.gz`` (label i = i-th exported nodule),
-        ``<volume>_reviewed_nodules.csv`` and ``.json``.
+        ``<volume>_reviewed_nodules.csv`` and ``.json``, and for the DICOM formats
+        ``<volume>_reviewed_seg.dcm`` (``dcm-seg``) and ``<volume>_reviewed_sr.dcm``
+        (``dcm-sr``, TID 1500 measurements referencing the SEG).
+
+        Args:
+            formats: any of :data:`EXPORT_FORMATS`.
+            dicomSource: for ``dcm-seg``/``dcm-sr``: the CT's DICOM folder or
+                files. Default: the instances the volume was loaded from through
+                Slicer's DICOM module (its ``DICOM.instanceUIDs``, looked up in
+                ``slicer.dicomDatabase``).
+            segmentationType: ``binary`` or ``fractional`` (the detection
+                probability inside each reviewed mask) for the DICOM SEG.
 
         Returns:
             Paths of the written files.
 
         Raises:
             ValueError: unknown format, unreviewed candidates, nothing to export,
-                an empty segment, existing files (without ``overwrite``) or an
-                unwritable folder.
+                an empty segment, DICOM formats for a CT not from DICOM, existing
+                files (without ``overwrite``) or an unwritable folder.
         """
-        unknown = [f for f in formats if f not in EXPORT_FORMATS]
-        if unknown or not formats:
-            raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: use any of {', '.join(EXPORT_FORMATS)}.")
+        formats = check_formats(formats)
+        if segmentationType not in ("binary", "fractional"):
+            raise ValueError(f"Unknown DICOM segmentation type '{segmentationType}': use binary or fractional.")
         self._checkCTVolume(referenceVolumeNode)
         if segmentationNode is None:
             raise ValueError("No segmentation selected: select the nodule segmentation to export.")
@@ -562,6 +584,14 @@ class LungNoduleAILogic:
         export = [sid for sid in ids if statuses[sid] == "accepted" or (includePending and statuses[sid] in ("pending", "flagged"))]
         if not export:
             raise ValueError("No accepted candidates to export: accept at least one candidate first.")
+        wantsDicom = any(f in DICOM_FORMATS for f in formats)
+        dicomSeries = self.dicomSeriesForVolume(referenceVolumeNode, dicomSource) if wantsDicom else None
+        probability = None
+        if wantsDicom and segmentationType == "fractional":
+            probNode = segmentationNode.GetNodeReference(REF_PROBABILITY)
+            if probNode is None:
+                raise ValueError(f"A fractional DICOM SEG needs the probability map of the detection, but '{segmentationNode.GetName()}' has none: export a binary SEG.")
+            probability = self.imageFromVolume(probNode)
 
         labels = self._segmentArrayOnVolume(segmentationNode, export, referenceVolumeNode)
         arr = sitk.GetArrayViewFromImage(labels)
@@ -572,13 +602,7 @@ class LungNoduleAILogic:
         ct = to_hu(self.imageFromVolume(referenceVolumeNode))
         measured = measure_candidates(labels, ct)
         name = referenceVolumeNode.GetName()
-        targets = {
-            "seg.nrrd": Path(outputDir) / f"{name}_reviewed.seg.nrrd",
-            "nii.gz": Path(outputDir) / f"{name}_reviewed_labels.nii.gz",
-            "csv": Path(outputDir) / f"{name}_reviewed_nodules.csv",
-            "json": Path(outputDir) / f"{name}_reviewed_nodules.json",
-        }
-        targets = {k: v for k, v in targets.items() if k in formats}
+        targets = export_paths(outputDir, name, formats)
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not overwrite:
             raise ValueError(f"Export files already exist: {', '.join(existing)}. Choose another folder or allow overwriting.")
@@ -587,10 +611,17 @@ class LungNoduleAILogic:
             tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=outputDir))
         except OSError as exc:
             raise ValueError(f"Cannot write to export folder '{outputDir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
+        model = json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}")
         try:
-            records = []
+            records, dicomSegments = [], []
             for n, (sid, m) in enumerate(zip(export, measured), start=1):
                 seg = segmentation.GetSegment(sid)
+                edited = self.isEdited(segmentationNode, sid)
+                tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
+                uid = tags.get(TAG_TRACKING_UID) or tracking_uid(dicomSeries.series_uid if dicomSeries else name, sid, tags.get(TAG_DETECTED, seg.GetName()))
+                seg.SetTag(TAG_TRACKING_UID, uid)  # the nodule keeps its UID in later exports
+                seg.SetTag(TAG_EDITED, "1" if edited else "0")
+                probabilityTag = self._tag(seg, TAG_PROBABILITY)
                 records.append(
                     {
                         **m.to_dict(),
@@ -601,10 +632,24 @@ class LungNoduleAILogic:
                         "review_status": statuses[sid],
                         "reviewer": self._tag(seg, TAG_REVIEWER) or "",
                         "review_time": self._tag(seg, TAG_REVIEW_TIME) or "",
-                        "edited": self.isEdited(segmentationNode, sid),
+                        "edited": edited,
+                        "algorithm_type": algorithm_type(tags, edited),
+                        "tracking_uid": uid,
                         "detection_rank": int(self._tag(seg, TAG_RANK) or 0) or None,
-                        "probability": float(self._tag(seg, TAG_PROBABILITY) or 0.0),
+                        "probability": float(probabilityTag or 0.0),
                     }
+                )
+                dicomSegments.append(
+                    ExportSegment(
+                        label=seg.GetName(),
+                        layer=0,
+                        label_value=n,
+                        algorithm_type=records[-1]["algorithm_type"],
+                        tracking_id=f"Nodule {n}",
+                        tracking_uid=uid,
+                        measurements={**m.to_dict(), "probability": float(probabilityTag) if probabilityTag else None},
+                        color=tuple(seg.GetColor()),
+                    )
                 )
             if "nii.gz" in targets:
                 sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
@@ -617,19 +662,64 @@ class LungNoduleAILogic:
                 write_json(
                     {
                         "source_volume": name,
+                        "source_series_uid": dicomSeries.series_uid if dicomSeries else referenceVolumeNode.GetAttribute("DICOM.SeriesInstanceUID"),
                         "segmentation": segmentationNode.GetName(),
-                        "model": json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}"),
+                        "model": model,
                         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "left_out": {sid: statuses[sid] for sid in ids if sid not in export},
                         "nodules": records,
                     },
                     tmp / targets["json"].name,
                 )
+            if wantsDicom:
+                reviewers = [r["reviewer"] for r in records if r["reviewer"]]
+                source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=dicomSeries.series_uid, dicom=dicomSeries)
+                modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
+                write_dicom_outputs(targets, tmp, [labels], dicomSegments, source, modelId, probability, reviewers[0] if reviewers else None)
             for kind, target in targets.items():
                 os.replace(tmp / target.name, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return [str(p) for p in targets.values()]
+
+    def dicomSeriesForVolume(self, volumeNode, dicomSource: str | Sequence[str] | None = None):
+        """The DICOM series ``volumeNode`` was loaded from (for SEG/SR export).
+
+        Args:
+            dicomSource: the DICOM folder or files; default: the volume's
+                ``DICOM.instanceUIDs`` looked up in Slicer's DICOM database.
+
+        Raises:
+            ValueError: the volume did not come from DICOM and no source was
+                given, its instances are not in the database, or the source holds
+                other instances than the ones the volume was loaded from.
+        """
+        from LungNoduleAILib.dicomio import choose_ct_series
+
+        uids = (volumeNode.GetAttribute(ATTR_DICOM_INSTANCES) or "").split()
+        if dicomSource is None:
+            if not uids:
+                raise ValueError(
+                    f"Volume '{volumeNode.GetName()}' was not loaded from DICOM, so a DICOM SEG/SR cannot reference its images. "
+                    "Load the CT through the DICOM module (import the series, then Load), run Detect on it, "
+                    "or export seg.nrrd/NIfTI/CSV/JSON instead."
+                )
+            database = getattr(slicer, "dicomDatabase", None)
+            files = [database.fileForInstance(uid) for uid in uids] if database is not None else []
+            if len(files) != len(uids) or not all(files):
+                raise ValueError(
+                    f"The DICOM files of volume '{volumeNode.GetName()}' are not in Slicer's DICOM database any more. "
+                    "Re-import the series in the DICOM module, or give the DICOM folder."
+                )
+            dicomSource = files
+        series, _ = choose_ct_series(dicomSource)
+        if uids and set(uids) - set(series.sop_instance_uids):
+            missing = len(set(uids) - set(series.sop_instance_uids))
+            raise ValueError(
+                f"The DICOM source holds series {series.series_uid}, which lacks {missing} of the {len(uids)} instances volume "
+                f"'{volumeNode.GetName()}' was loaded from: give the folder of the series the volume came from."
+            )
+        return series
 
     def _labelImage(self, labelNode) -> sitk.Image:
         return sitk.Cast(self._imageFromNode(labelNode), sitk.sitkUInt16)
