@@ -302,8 +302,17 @@ def test_export_dicom_seg_and_sr_from_a_dicom_volume(scene, detector, tmp_path, 
     folder, info = sample_dicom
     volume = load_dicom_volume(scene, folder, info)
     assert volume.GetImageData().GetDimensions()[2] == 40
+    # as the DICOM module files it: patient > study > series
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Test^Nodule"), "Chest CT study")
+    item = sh.GetItemByDataNode(volume)
+    sh.SetItemParent(item, study) if item else sh.CreateItem(study, volume)
     logic = make_logic(scene, detector)
-    seg = logic.detect(volume, device="cpu", threshold=0.1).segmentationNode
+    result = logic.detect(volume, device="cpu", threshold=0.1)
+    seg = result.segmentationNode
+    assert volume.GetAttribute("DICOM.instanceUIDs") == " ".join(info["sop_uids"])  # the link to the instances is kept
+    for node in (result.segmentationNode, result.probabilityNode, result.labelmapNode):
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study  # results sit in the CT's study
     ids = logic.candidateSegmentIds(seg)
     logic.setCandidateStatus(seg, ids[0], "accepted", reviewer="Doe^Jane")
     logic.setCandidateStatus(seg, ids[1], "accepted", reviewer="Doe^Jane")

@@ -2,7 +2,8 @@
 
 The engine reads chest CT, runs a bundled 3-D U-Net (MONAI) and turns its
 probability map into ranked nodule candidates with measurements. It imports
-only numpy, SimpleITK, torch, monai, scikit-learn and small helpers, never
+only numpy, SimpleITK, torch, monai, scikit-learn, pydicom/highdicom (DICOM
+input and SEG/SR export, imported when used) and small helpers, never
 ``slicer``, ``qt`` or ``vtk``.
 
 Submodules are imported lazily so that importing this package is cheap (the

@@ -304,6 +304,7 @@ class LungNoduleAILogic:
         for node in (probNode, labelNode, segNode, tableNode):
             if transformId:
                 node.SetAndObserveTransformNodeID(transformId)
+        self._placeBesideInSubjectHierarchy(volumeNode, (probNode, labelNode, segNode, tableNode))
         segNode.SetNodeReferenceID(REF_PROBABILITY, probNode.GetID())
         segNode.SetNodeReferenceID(REF_LABELMAP, labelNode.GetID())
         segNode.SetNodeReferenceID(REF_TABLE, tableNode.GetID())
@@ -311,6 +312,21 @@ class LungNoduleAILogic:
         segNode.SetAttribute(ATTR_THRESHOLD, str(threshold))
         self.updateTable(segNode)
         return LungNoduleAIResult(probNode, labelNode, segNode, tableNode, candidates, report)
+
+    def _placeBesideInSubjectHierarchy(self, volumeNode, nodes) -> None:
+        """Put result nodes in the CT's study (its parent in the subject hierarchy), as DICOM export tools expect."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if shNode is None:
+            return
+        parent = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        if not parent or parent == shNode.GetSceneItemID():
+            return
+        for node in nodes:
+            item = shNode.GetItemByDataNode(node)
+            if item:
+                shNode.SetItemParent(item, parent)
+            else:  # headless scenes have no plugin that creates items for new nodes
+                shNode.CreateItem(parent, node)
 
     def _addCandidateSegment(self, segNode, labelmap: sitk.Image, labelArr: np.ndarray, cand: dict, index: int) -> str:
         i0, j0, k0, i1, j1, k1 = cand["bbox_ijk"]
