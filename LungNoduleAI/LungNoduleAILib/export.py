@@ -38,6 +38,8 @@ __all__ = [
     "export_paths",
     "check_formats",
     "export_reviewed",
+    "write_reviewed",
+    "ReviewedSegment",
     "TAG_REVIEW",
     "TAG_DETECTED",
     "TAG_EDITED",
@@ -248,6 +250,99 @@ def write_dicom_outputs(
         sr.save_as(str(tmp_dir / targets["dcm-sr"].name))
 
 
+@dataclass
+class ReviewedSegment:
+    """A segment chosen for export, as the reviewer left it (``tags`` as in the ``.seg.nrrd``)."""
+
+    id: str
+    name: str
+    color: tuple
+    tags: dict
+    status: str
+    edited: bool
+
+
+def write_reviewed(
+    targets: dict[str, Path],
+    labels: sitk.Image,
+    measured: Sequence[Candidate],
+    segments: Sequence[ReviewedSegment],
+    header: dict,
+    left_out: dict,
+    ct: CTVolume,
+    model: tuple[str, str],
+    probability: sitk.Image | None = None,
+) -> dict[str, Path]:
+    """Write every target at once (temporary folder, then renames), or none.
+
+    Args:
+        targets: output paths by format (:func:`export_paths`).
+        labels: label image on the CT grid, value n = ``segments[n - 1]``.
+        measured: :func:`.candidates.measure_candidates` of ``labels``.
+        segments: the exported segments in label order.
+        header: fields put first in the JSON (source, segmentation...).
+        left_out: segment ID -> status of the segments not exported (JSON).
+        ct: the CT; DICOM formats need it read from DICOM (``ct.dicom``).
+        model: detector ``(name, version)`` for the DICOM algorithm identification.
+        probability: for a fractional DICOM SEG.
+
+    Each segment's tags gain its tracking UID (kept if it had one, so a nodule
+    keeps its UID across exports) and whether it was edited.
+    """
+    records, export_segments = [], []
+    for n, (seg, m) in enumerate(zip(segments, measured), start=1):
+        tags = seg.tags
+        prob = float(tags[TAG_PROBABILITY]) if tags.get(TAG_PROBABILITY) else None
+        kind = algorithm_type(tags, seg.edited)
+        uid = tags.get(TAG_TRACKING_UID) or tracking_uid(ct.series_uid or ct.name, seg.id, tags.get(TAG_DETECTED, seg.name))
+        tags[TAG_TRACKING_UID] = uid
+        tags[TAG_EDITED] = "1" if seg.edited else "0"
+        records.append(
+            {
+                **m.to_dict(),
+                "id": n,
+                "rank": n,
+                "segment_id": seg.id,
+                "name": seg.name,
+                "review_status": seg.status,
+                "reviewer": tags.get(TAG_REVIEWER, ""),
+                "review_time": tags.get(TAG_REVIEW_TIME, ""),
+                "edited": seg.edited,
+                "algorithm_type": kind,
+                "tracking_uid": uid,
+                "detection_rank": int(tags[TAG_RANK]) if tags.get(TAG_RANK, "").isdigit() else None,
+                "probability": prob if prob is not None else 0.0,
+            }
+        )
+        export_segments.append(
+            ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**m.to_dict(), "probability": prob}, tuple(seg.color))
+        )
+    output_dir = next(iter(targets.values())).parent
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=output_dir))
+    except OSError as exc:
+        raise ValueError(f"Cannot write to export folder '{output_dir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
+    try:
+        if "nii.gz" in targets:
+            sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
+        if "seg.nrrd" in targets:
+            meta = [{"id": s.id, "name": s.name, "color": tuple(s.color), "label": n, "tags": s.tags} for n, s in enumerate(segments, start=1)]
+            write_segmentation_labelmap(labels, meta, tmp / targets["seg.nrrd"].name)
+        if "csv" in targets:
+            write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], tmp / targets["csv"].name)
+        if "json" in targets:
+            exported = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            write_json({**header, "model": {"name": model[0], "version": model[1]}, "exported": exported, "left_out": left_out, "nodules": records}, tmp / targets["json"].name)
+        reviewers = [r["reviewer"] for r in records if r["reviewer"]]
+        write_dicom_outputs(targets, tmp, [labels], export_segments, ct, model, probability, reviewers[0] if reviewers else None)
+        for target in targets.values():
+            os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return targets
+
+
 def export_reviewed(
     seg_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -325,77 +420,12 @@ def export_reviewed(
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise ValueError(f"Export files already exist: {', '.join(existing)}. Use --overwrite, or another --output-dir.")
-    records, export_segments = [], []
-    for n, (i, m) in enumerate(zip(chosen, measured), start=1):
-        seg = seg_file.segments[i]
-        tags = seg["tags"]
-        edited = _segment_edited(seg_file, i)
-        prob = float(tags[TAG_PROBABILITY]) if TAG_PROBABILITY in tags else None
-        kind = algorithm_type(tags, edited)
-        records.append(
-            {
-                **m.to_dict(),
-                "id": n,
-                "rank": n,
-                "segment_id": seg["id"],
-                "name": seg["name"],
-                "review_status": statuses[i],
-                "reviewer": tags.get(TAG_REVIEWER, ""),
-                "review_time": tags.get(TAG_REVIEW_TIME, ""),
-                "edited": edited,
-                "algorithm_type": kind,
-                "detection_rank": int(tags[TAG_RANK]) if tags.get(TAG_RANK, "").isdigit() else None,
-                "probability": prob if prob is not None else 0.0,
-            }
-        )
-        uid = tags.get(TAG_TRACKING_UID) or tracking_uid(ct.series_uid or name, seg["id"], tags.get(TAG_DETECTED, seg["name"]))
-        export_segments.append(
-            ExportSegment(
-                label=seg["name"],
-                layer=0,
-                label_value=n,
-                algorithm_type=kind,
-                tracking_id=f"Nodule {n}",
-                tracking_uid=uid,
-                measurements={**m.to_dict(), "probability": prob},
-                color=seg["color"],
-            )
-        )
-        records[-1]["tracking_uid"] = uid
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=output_dir))
-    except OSError as exc:
-        raise ValueError(f"Cannot write to export folder '{output_dir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
-    try:
-        if "nii.gz" in targets:
-            sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
-        if "seg.nrrd" in targets:
-            segments = [
-                {"id": seg_file.segments[i]["id"], "name": seg_file.segments[i]["name"], "color": seg_file.segments[i]["color"], "label": n,
-                 "tags": {**seg_file.segments[i]["tags"], TAG_TRACKING_UID: r["tracking_uid"], TAG_EDITED: "1" if r["edited"] else "0"}}
-                for n, (i, r) in enumerate(zip(chosen, records), start=1)
-            ]
-            write_segmentation_labelmap(labels, segments, tmp / targets["seg.nrrd"].name)
-        if "csv" in targets:
-            write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], tmp / targets["csv"].name)
-        if "json" in targets:
-            write_json(
-                {
-                    "segmentation": str(seg_path),
-                    "source": ct.path,
-                    "source_series_uid": ct.series_uid,
-                    "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "left_out": {seg_file.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen},
-                    "nodules": records,
-                },
-                tmp / targets["json"].name,
-            )
-        reviewers = [r["reviewer"] for r in records if r["reviewer"]]
-        probability = read_probability(probability_path) if probability_path else None
-        write_dicom_outputs(targets, tmp, [labels], export_segments, ct, _model_of(seg_file.segments[chosen[0]]["tags"]), probability, reviewers[0] if reviewers else None)
-        for target in targets.values():
-            os.replace(tmp / target.name, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    reviewed = [
+        ReviewedSegment(seg_file.segments[i]["id"], seg_file.segments[i]["name"], seg_file.segments[i]["color"], seg_file.segments[i]["tags"], statuses[i], _segment_edited(seg_file, i))
+        for i in chosen
+    ]
+    header = {"segmentation": str(seg_path), "source": ct.path, "source_series_uid": ct.series_uid}
+    left_out = {seg_file.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen}
+    probability = read_probability(probability_path) if probability_path else None
+    write_reviewed(targets, labels, measured, reviewed, header, left_out, ct, _model_of(reviewed[0].tags), probability)
     return targets

@@ -15,9 +15,6 @@ from __future__ import annotations
 import datetime
 import getpass
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,8 +27,7 @@ import vtk
 from LungNoduleAILib.candidates import Candidate, extract_candidates, measure_candidates
 from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
 from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
-from LungNoduleAILib.dicomseg import ExportSegment, tracking_uid
-from LungNoduleAILib.export import DICOM_FORMATS, TAG_EDITED, TAG_MODEL, TAG_TRACKING_UID, algorithm_type, check_formats, export_paths, write_dicom_outputs
+from LungNoduleAILib.export import DICOM_FORMATS, TAG_EDITED, TAG_MODEL, TAG_TRACKING_UID, ReviewedSegment, check_formats, export_paths, write_reviewed
 from LungNoduleAILib.export import EXPORT_FORMATS as ENGINE_EXPORT_FORMATS
 from LungNoduleAILib.rescore import apply_rescorer
 from LungNoduleAILib.writers import (
@@ -40,9 +36,6 @@ from LungNoduleAILib.writers import (
     read_probability,
     segment_name,
     segment_tags,
-    write_candidates_csv,
-    write_json,
-    write_segmentation_labelmap,
 )
 
 __all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
@@ -622,80 +615,22 @@ class LungNoduleAILogic:
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not overwrite:
             raise ValueError(f"Export files already exist: {', '.join(existing)}. Choose another folder or allow overwriting.")
-        try:
-            Path(outputDir).mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=outputDir))
-        except OSError as exc:
-            raise ValueError(f"Cannot write to export folder '{outputDir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
         model = json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}")
-        try:
-            records, dicomSegments = [], []
-            for n, (sid, m) in enumerate(zip(export, measured), start=1):
-                seg = segmentation.GetSegment(sid)
-                edited = self.isEdited(segmentationNode, sid)
-                tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
-                uid = tags.get(TAG_TRACKING_UID) or tracking_uid(dicomSeries.series_uid if dicomSeries else name, sid, tags.get(TAG_DETECTED, seg.GetName()))
-                seg.SetTag(TAG_TRACKING_UID, uid)  # the nodule keeps its UID in later exports
-                seg.SetTag(TAG_EDITED, "1" if edited else "0")
-                probabilityTag = self._tag(seg, TAG_PROBABILITY)
-                records.append(
-                    {
-                        **m.to_dict(),
-                        "id": n,
-                        "rank": n,
-                        "segment_id": sid,
-                        "name": seg.GetName(),
-                        "review_status": statuses[sid],
-                        "reviewer": self._tag(seg, TAG_REVIEWER) or "",
-                        "review_time": self._tag(seg, TAG_REVIEW_TIME) or "",
-                        "edited": edited,
-                        "algorithm_type": algorithm_type(tags, edited),
-                        "tracking_uid": uid,
-                        "detection_rank": int(self._tag(seg, TAG_RANK) or 0) or None,
-                        "probability": float(probabilityTag or 0.0),
-                    }
-                )
-                dicomSegments.append(
-                    ExportSegment(
-                        label=seg.GetName(),
-                        layer=0,
-                        label_value=n,
-                        algorithm_type=records[-1]["algorithm_type"],
-                        tracking_id=f"Nodule {n}",
-                        tracking_uid=uid,
-                        measurements={**m.to_dict(), "probability": float(probabilityTag) if probabilityTag else None},
-                        color=tuple(seg.GetColor()),
-                    )
-                )
-            if "nii.gz" in targets:
-                sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
-            if "seg.nrrd" in targets:
-                self._writeSegmentation(segmentationNode, export, labels, tmp / targets["seg.nrrd"].name)
-            if "csv" in targets:
-                cands = [Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records]
-                write_candidates_csv(cands, tmp / targets["csv"].name)
-            if "json" in targets:
-                write_json(
-                    {
-                        "source_volume": name,
-                        "source_series_uid": dicomSeries.series_uid if dicomSeries else referenceVolumeNode.GetAttribute("DICOM.SeriesInstanceUID"),
-                        "segmentation": segmentationNode.GetName(),
-                        "model": model,
-                        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "left_out": {sid: statuses[sid] for sid in ids if sid not in export},
-                        "nodules": records,
-                    },
-                    tmp / targets["json"].name,
-                )
-            if wantsDicom:
-                reviewers = [r["reviewer"] for r in records if r["reviewer"]]
-                source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=dicomSeries.series_uid, dicom=dicomSeries)
-                modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
-                write_dicom_outputs(targets, tmp, [labels], dicomSegments, source, modelId, probability, reviewers[0] if reviewers else None)
-            for kind, target in targets.items():
-                os.replace(tmp / target.name, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        reviewed = []
+        for sid in export:
+            seg = segmentation.GetSegment(sid)
+            tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
+            reviewed.append(ReviewedSegment(sid, seg.GetName(), tuple(seg.GetColor()), tags, statuses[sid], self.isEdited(segmentationNode, sid)))
+        seriesUid = dicomSeries.series_uid if dicomSeries else referenceVolumeNode.GetAttribute("DICOM.SeriesInstanceUID")
+        source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=seriesUid, dicom=dicomSeries)
+        header = {"source_volume": name, "source_series_uid": seriesUid, "segmentation": segmentationNode.GetName()}
+        leftOut = {sid: statuses[sid] for sid in ids if sid not in export}
+        modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
+        write_reviewed(targets, labels, measured, reviewed, header, leftOut, source, modelId, probability)
+        for r in reviewed:  # the nodule keeps its tracking UID in later exports
+            segment = segmentation.GetSegment(r.id)
+            segment.SetTag(TAG_TRACKING_UID, r.tags[TAG_TRACKING_UID])
+            segment.SetTag(TAG_EDITED, r.tags[TAG_EDITED])
         return [str(p) for p in targets.values()]
 
     def dicomSeriesForVolume(self, volumeNode, dicomSource: str | Sequence[str] | None = None):
@@ -739,13 +674,3 @@ class LungNoduleAILogic:
 
     def _labelImage(self, labelNode) -> sitk.Image:
         return sitk.Cast(self._imageFromNode(labelNode), sitk.sitkUInt16)
-
-    def _writeSegmentation(self, segmentationNode, segmentIds: list[str], labels: sitk.Image, path: Path) -> None:
-        """A Slicer .seg.nrrd of the exported labelmap with each segment's name, colour and tags as edited."""
-        segmentation = segmentationNode.GetSegmentation()
-        segments = []
-        for n, sid in enumerate(segmentIds, start=1):
-            seg = segmentation.GetSegment(sid)
-            tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
-            segments.append({"id": sid, "name": seg.GetName(), "color": tuple(seg.GetColor()), "label": n, "tags": tags})
-        write_segmentation_labelmap(labels, segments, path)
