@@ -113,3 +113,37 @@ def test_evaluate_cube_mode(tmp_path):
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["scans"] == 2 and report["nodules"] == 2
     assert report["operating_point"] == {**report["operating_point"], "sensitivity": 0.5, "fp_per_scan": 1.0}
+
+
+def test_excluded_findings_from_the_lidc_xml_follow_luna16():
+    import SimpleITK as sitk
+
+    from conftest import LIDC0001_NODULE_DIAMETER_MM, LIDC0001_NODULE_LPS, shared
+    from LungNoduleAILib.evaluate import lidc_excluded_findings, lidc_reader_marks
+
+    xml = shared("scans", "LIDC-IDRI-0001.xml")
+    image = sitk.ReadImage(str(shared("scans", "LIDC-IDRI-0001.nii.gz")))
+    marks = lidc_reader_marks(xml, image)
+    outlined = [m for m in marks if m.kind == "nodule"]
+    # the reference nodule was outlined by all 4 readers, each centre within its radius
+    assert len(outlined) == 4
+    for m in outlined:
+        assert np.linalg.norm(np.subtract(m.center_mm, LIDC0001_NODULE_LPS)) < LIDC0001_NODULE_DIAMETER_MM / 2
+        assert 20.0 < m.diameter_mm < 40.0
+    reference = Finding(LIDC0001_NODULE_LPS, LIDC0001_NODULE_DIAMETER_MM)
+    excluded = lidc_excluded_findings(marks, [reference])
+    assert len(excluded) == len(marks) - 4  # every other mark: small nodules and non-nodules
+    assert all(f.diameter_mm == 10.0 for f in excluded)  # LUNA16's size for marks without one
+    # a candidate on a non-nodule mark is ignored, one far from every mark is a false positive
+    on_mark = {"center_lps_mm": list(excluded[0].center_mm), "probability": 0.9}
+    far = {"center_lps_mm": [0.0, 0.0, 0.0], "probability": 0.9}
+    result = match_scan("0001", [on_mark, far], [reference], excluded)
+    assert result.fp_probs == [0.9] and result.tp_probs == []
+
+
+def test_excluded_csv_without_a_size_counts_as_10_mm(tmp_path):
+    from LungNoduleAILib.evaluate import read_reference_csv
+
+    path = tmp_path / "excluded.csv"
+    path.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,1,2,3,-1\n", encoding="utf-8")
+    assert read_reference_csv(path)["1.2.3"][0].diameter_mm == 10.0

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Finding", "ScanResult", "match_scan", "froc", "evaluate", "Evaluation", "read_reference_csv", "read_results", "FP_RATES"]
+__all__ = ["LidcMark", "lidc_reader_marks", "lidc_excluded_findings", "write_reference_csv", "Finding", "ScanResult", "match_scan", "froc", "evaluate", "Evaluation", "read_reference_csv", "read_results", "FP_RATES"]
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -54,6 +54,84 @@ class ScanResult:
     tp_probs: list = field(default_factory=list)
     fp_probs: list = field(default_factory=list)
     n_nodules: int = 0
+
+
+_LIDC_NS = "{http://www.nih.gov}"
+EXCLUDED_DEFAULT_DIAMETER_MM = 10.0
+"""LUNA16: an excluded finding without a diameter (small nodule, non-nodule) counts as 10 mm wide."""
+
+
+@dataclass
+class LidcMark:
+    """One LIDC reader's mark: centre (world LPS mm), diameter (mm; -1 when not outlined) and kind."""
+
+    center_mm: tuple
+    diameter_mm: float
+    kind: str  # "nodule" (>= 3 mm, outlined), "small nodule" (< 3 mm, a point) or "non-nodule"
+
+
+def lidc_reader_marks(xml_path: str | os.PathLike, image) -> list[LidcMark]:
+    """Every mark of every reading session in an LIDC-IDRI XML, in the world frame of ``image``.
+
+    Pixel coordinates map through ``image``'s geometry (the scan the XML
+    belongs to); ``imageZposition`` picks the nearest slice. An outlined
+    nodule's diameter is its longest in-plane extent over its contours.
+    """
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml_path).getroot()
+    zs = np.array([image.TransformIndexToPhysicalPoint([0, 0, k])[2] for k in range(image.GetSize()[2])])
+    spacing = image.GetSpacing()
+
+    def to_lps(x: float, y: float, z: float) -> tuple:
+        k = int(np.argmin(np.abs(z - zs)))
+        return tuple(image.TransformContinuousIndexToPhysicalPoint([x, y, k]))
+
+    marks = []
+    for nod in root.iter(_LIDC_NS + "unblindedReadNodule"):
+        pts, longest = [], 0.0
+        rois = list(nod.iter(_LIDC_NS + "roi"))
+        for roi in rois:
+            z = float(roi.findtext(_LIDC_NS + "imageZposition"))
+            xy = np.array([(float(em.findtext(_LIDC_NS + "xCoord")), float(em.findtext(_LIDC_NS + "yCoord"))) for em in roi.iter(_LIDC_NS + "edgeMap")])
+            if xy.size:
+                pts += [(x, y, z) for x, y in xy]
+                mm = xy * np.asarray(spacing[:2])
+                longest = max(longest, float(np.max(np.linalg.norm(mm[:, None] - mm[None], axis=-1))))
+        if not pts:
+            continue
+        outlined = any(len(list(roi.iter(_LIDC_NS + "edgeMap"))) > 1 for roi in rois)
+        centre = to_lps(*np.mean(pts, axis=0))
+        marks.append(LidcMark(centre, longest if outlined else -1.0, "nodule" if outlined else "small nodule"))
+    for nn in root.iter(_LIDC_NS + "nonNodule"):
+        z = float(nn.findtext(_LIDC_NS + "imageZposition"))
+        locus = nn.find(_LIDC_NS + "locus")
+        marks.append(LidcMark(to_lps(float(locus.findtext(_LIDC_NS + "xCoord")), float(locus.findtext(_LIDC_NS + "yCoord")), z), -1.0, "non-nodule"))
+    return marks
+
+
+def lidc_excluded_findings(marks: Sequence[LidcMark], references: Sequence[Finding]) -> list[Finding]:
+    """LUNA16's "irrelevant findings": every reader mark that is not part of a reference nodule.
+
+    A mark whose centre lies within a reference nodule's radius belongs to it.
+    Marks without a diameter get :data:`EXCLUDED_DEFAULT_DIAMETER_MM`.
+    """
+    out = []
+    for m in marks:
+        if _hits(np.asarray(m.center_mm), references):
+            continue
+        out.append(Finding(tuple(m.center_mm), m.diameter_mm if m.diameter_mm > 0 else EXCLUDED_DEFAULT_DIAMETER_MM))
+    return out
+
+
+def write_reference_csv(findings: dict[str, list[Finding]], path: str | os.PathLike) -> None:
+    """Findings per series UID as a LUNA16 CSV (``seriesuid,coordX,coordY,coordZ,diameter_mm``)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        for uid, items in findings.items():
+            for item in items:
+                w.writerow([uid, *(f"{v:.3f}" for v in item.center_mm), f"{item.diameter_mm:.2f}"])
 
 
 def _hits(center: np.ndarray, findings: Sequence[Finding]) -> list[int]:
@@ -183,6 +261,8 @@ def read_reference_csv(path: str | os.PathLike) -> dict[str, list[Finding]]:
             raise ValueError(f"'{path}' lacks column(s) {sorted(missing)}: a LUNA16 CSV has seriesuid,coordX,coordY,coordZ,diameter_mm.")
         for row in reader:
             d = float(row.get("diameter_mm") or 0.0)
+            if d < 0:  # LUNA16: excluded findings without a size count as 10 mm
+                d = EXCLUDED_DEFAULT_DIAMETER_MM
             out.setdefault(row["seriesuid"], []).append(Finding((float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])), d))
     return out
 

@@ -26,7 +26,6 @@ import math
 import os
 import random
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +40,6 @@ __all__ = ["mine_hard_negatives", "validation_series", "TrainingData", "prepare_
 
 log = logging.getLogger(__name__)
 
-_LIDC_NS = "{http://www.nih.gov}"
 
 
 def lidc_marked_points_lps(xml_path: str | os.PathLike, image: sitk.Image) -> list[list[float]]:
@@ -49,30 +47,9 @@ def lidc_marked_points_lps(xml_path: str | os.PathLike, image: sitk.Image) -> li
 
     Used to keep negative training patches away from real findings.
     """
-    root = ET.parse(xml_path).getroot()
-    # map z position (mm) -> slice index
-    zs = [image.TransformIndexToPhysicalPoint([0, 0, k])[2] for k in range(image.GetSize()[2])]
-    points = []
+    from .evaluate import lidc_reader_marks
 
-    def to_lps(x: float, y: float, z: float) -> list[float]:
-        k = int(np.argmin([abs(z - zz) for zz in zs]))
-        p = list(image.TransformContinuousIndexToPhysicalPoint([x, y, k]))
-        return p
-
-    for nod in root.iter(_LIDC_NS + "unblindedReadNodule"):
-        pts = []
-        for roi in nod.iter(_LIDC_NS + "roi"):
-            z = float(roi.findtext(_LIDC_NS + "imageZposition"))
-            for em in roi.iter(_LIDC_NS + "edgeMap"):
-                pts.append((float(em.findtext(_LIDC_NS + "xCoord")), float(em.findtext(_LIDC_NS + "yCoord")), z))
-        if pts:
-            a = np.array(pts)
-            points.append(to_lps(*a.mean(axis=0)))
-    for nn in root.iter(_LIDC_NS + "nonNodule"):
-        z = float(nn.findtext(_LIDC_NS + "imageZposition"))
-        locus = nn.find(_LIDC_NS + "locus")
-        points.append(to_lps(float(locus.findtext(_LIDC_NS + "xCoord")), float(locus.findtext(_LIDC_NS + "yCoord")), z))
-    return points
+    return [list(m.center_mm) for m in lidc_reader_marks(xml_path, image)]
 
 
 @dataclass

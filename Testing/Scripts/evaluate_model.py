@@ -9,11 +9,16 @@
   reference mask's centroid (robust for cubes cut short at the scan edge);
   every other candidate is a false one. FROC/CPM per cube from candidates
   down to ``--froc-threshold``.
+  Each validation nodule is also sorted by its surroundings (see
+  ``nodule_context``): attached to the pleura/mediastinum, attached to a
+  vessel, or isolated, and the sensitivity is given for each.
 * Full scans (LIDC-IDRI-0001, -0002): the LUNA16 reference nodules, whether
-  the top-ranked candidate is one, and the false candidates: all the others,
-  and those not on anything an LIDC reader marked (the ones LUNA16 would
-  count as false positives are between the two; marks of <3 mm nodules,
-  non-nodules and nodules with fewer than 3 readers are excluded there).
+  the top-ranked candidate is one, and the false positives as LUNA16 counts
+  them: candidates on no reference nodule and on no "irrelevant finding"
+  (every other LIDC reader mark: nodules < 3 mm, non-nodules, nodules marked
+  by fewer than 3 readers; built from the XML by
+  ``LungNoduleAILib.evaluate.lidc_excluded_findings``), plus the FROC over
+  the two scans.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LungNoduleAILib.evaluate import Finding, evaluate, match_scan
+from LungNoduleAILib.evaluate import Finding, evaluate, lidc_excluded_findings, lidc_reader_marks, match_scan
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
-from LungNoduleAILib.train import lidc_marked_points_lps, validation_series
+from LungNoduleAILib.train import validation_series
 
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -44,9 +49,35 @@ def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dic
     return [r for r in rows if r["seriesuid"] in val]
 
 
+CONTEXTS = ("pleural/mediastinal", "vascular", "isolated")
+
+
+def nodule_context(ct: sitk.Image, mask: sitk.Image) -> str:
+    """Where a cube's nodule sits: touching the pleura/mediastinum, a vessel, or nothing.
+
+    Soft tissue (> -500 HU) in a 2 mm shell around the nodule mask, grouped
+    into connected components outside the nodule: a component of more than
+    8 cm^3 inside the cube is chest wall or mediastinum ("pleural/mediastinal"),
+    any smaller one touching the shell is a vessel or airway wall ("vascular").
+    """
+    nod = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    radius = [max(1, int(round(2.0 / s))) for s in ct.GetSpacing()]
+    shell = sitk.And(sitk.BinaryDilate(nod, radius), sitk.Not(nod))
+    tissue = sitk.And(sitk.Cast(ct > -500, sitk.sitkUInt8), sitk.Not(sitk.BinaryDilate(nod, [1, 1, 1])))
+    comps = sitk.ConnectedComponent(tissue)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(comps)
+    touching = set(np.unique(sitk.GetArrayViewFromImage(comps)[sitk.GetArrayViewFromImage(sitk.BinaryDilate(shell, [1, 1, 1])) > 0]).tolist()) - {0}
+    if not touching:
+        return "isolated"
+    big = max(stats.GetPhysicalSize(int(c)) for c in touching)
+    return "pleural/mediastinal" if big > 8000.0 else "vascular"
+
+
 def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: int, froc_threshold: float) -> dict:
     rows = val_cubes(data_dir, seed)
     found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
+    by_context = {c: [0, 0] for c in CONTEXTS}
     missed = []
     froc_scans = []
     sweep = {t: [0, 0] for t in SWEEP}
@@ -71,6 +102,9 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         key = "<6mm" if float(r["diameter_mm"]) < 6 else ">=6mm"
         by_size[key][0] += bool(hits)
         by_size[key][1] += 1
+        context = nodule_context(ct.image, mask)
+        by_context[context][0] += bool(hits)
+        by_context[context][1] += 1
         if not hits:
             missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "top_probability": max((c.probability for c in res.candidates), default=0.0)})
     n = len(rows)
@@ -85,42 +119,43 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         "sensitivity": round(found / n, 4),
         "other_candidates_per_cube": round(others / n, 3),
         "sensitivity_by_size": {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in by_size.items()},
+        "sensitivity_by_context": {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in by_context.items()},
         "missed": missed,
     }
 
 
-def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float | None) -> dict:
+def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float | None, froc_threshold: float) -> tuple[dict, object]:
+    """One full scan under LUNA16 rules; returns its figures and its FROC matching (candidates down to ``froc_threshold``)."""
     path = scans / f"{case}.nii.gz"
     ct = read_ct(path)
     t = time.perf_counter()
     res = detector.detect(ct, threshold)
     seconds = time.perf_counter() - t
-    refs = [[float(row[k]) for k in ("coordX", "coordY", "coordZ", "diameter_mm")] for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))]
-    marks = lidc_marked_points_lps(scans / f"{case}.xml", sitk.ReadImage(str(path))) if (scans / f"{case}.xml").exists() else []
-
-    def hit(c, ref):
-        return np.linalg.norm(np.array(c.center_lps_mm) - np.array(ref[:3])) <= ref[3] / 2
-
-    low = detector.detect(ct, min(SWEEP[0], res.threshold))
+    refs = [Finding(tuple(float(row[k]) for k in ("coordX", "coordY", "coordZ")), float(row["diameter_mm"])) for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))]
+    marks = lidc_reader_marks(scans / f"{case}.xml", sitk.ReadImage(str(path))) if (scans / f"{case}.xml").exists() else []
+    excluded = lidc_excluded_findings(marks, refs)
+    low = detector.detect(ct, min(SWEEP[0], froc_threshold, res.threshold))
+    low_dicts = [c.to_dict() for c in low.candidates]
     sweep = {}
     for t in SWEEP:
-        cs = [c for c in low.candidates if c.probability >= t]
-        sweep[str(t)] = {"candidates": len(cs), "false": sum(not any(hit(c, r) for r in refs) for c in cs), "reference_found": sum(any(hit(c, r) for c in cs) for r in refs)}
-    ref_hits = [c for c in res.candidates if any(hit(c, r) for r in refs)]
-    others = [c for c in res.candidates if c not in ref_hits]
-    near_marks = [c for c in others if any(np.linalg.norm(np.array(c.center_lps_mm) - np.array(m)) <= 10.0 for m in marks)]
-    return {
+        m = match_scan(case, [c for c in low_dicts if c["probability"] >= t], refs, excluded)
+        sweep[str(t)] = {"candidates": sum(c["probability"] >= t for c in low_dicts), "false_positives": len(m.fp_probs), "references_found": len(m.tp_probs)}
+    m = match_scan(case, [c.to_dict() for c in res.candidates], refs, excluded)
+    top = match_scan(case, [res.candidates[0].to_dict()], refs, excluded) if res.candidates else None
+    figures = {
         "case": case,
         "reference_nodules": len(refs),
-        "references_found": sum(any(hit(c, r) for c in res.candidates) for r in refs),
-        "top_candidate_is_reference": bool(res.candidates and refs and any(hit(res.candidates[0], r) for r in refs)),
+        "excluded_findings": len(excluded),
+        "references_found": len(m.tp_probs),
+        "top_candidate_is_reference": bool(top and top.tp_probs),
         "candidates": len(res.candidates),
-        "false_candidates": len(others),
-        "false_candidates_not_near_any_reader_mark": len(others) - len(near_marks),
+        "false_positives": len(m.fp_probs),
+        "on_excluded_findings": len(res.candidates) - len(m.fp_probs) - sum(1 for c in res.candidates if match_scan(case, [c.to_dict()], refs).tp_probs),
         "top5": [{"rank": c.rank, "p": round(c.probability, 3), "diameter_mm": c.diameter_mm, "lps": c.center_lps_mm} for c in res.candidates[:5]],
         "detect_seconds": round(seconds, 1),
         "sweep": sweep,
     }
+    return figures, match_scan(case, [c for c in low_dicts if c["probability"] >= froc_threshold], refs, excluded)
 
 
 def main(argv=None) -> int:
@@ -139,10 +174,20 @@ def main(argv=None) -> int:
     if not args.skip_cubes:
         figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed, min(args.froc_threshold, threshold))
         print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}), flush=True)
-    figures["full_scans"] = [evaluate_scan(detector, args.data_dir / "scans", c, threshold) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
+    scans = [evaluate_scan(detector, args.data_dir / "scans", c, threshold, min(args.froc_threshold, threshold)) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
+    figures["full_scans"] = [f for f, _ in scans]
     for s in figures["full_scans"]:
         print(json.dumps({k: v for k, v in s.items() if k not in ("top5", "sweep")}), flush=True)
         print("  sweep:", json.dumps(s["sweep"]), flush=True)
+    ev = evaluate([m for _, m in scans], threshold, bootstrap=0)
+    figures["full_scan_froc"] = {
+        "scans": ev.scans,
+        "nodules": ev.nodules,
+        "cpm": round(ev.cpm, 4),
+        "sensitivity_at_fp_per_scan": {str(k): round(v, 4) for k, v in ev.sensitivity_at.items()},
+        "operating_point": ev.operating_point,
+    }
+    print("full-scan FROC:", json.dumps(figures["full_scan_froc"]), flush=True)
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
