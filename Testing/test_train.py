@@ -104,3 +104,18 @@ def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
     meta = json.loads((tmp_path / "ddp.json").read_text())
     assert meta["training"]["world_size"] == 2
     load_model(tmp_path / "ddp.json", "cpu")
+
+
+def test_nodule_context_tells_pleural_vascular_and_isolated_apart():
+    from LungNoduleAILib.train import nodule_context
+
+    zz, yy, xx = np.indices((40, 40, 40))
+    lung = np.full((40, 40, 40), -850.0)
+    sphere = (zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 16  # 8 mm nodule at the centre
+    assert nodule_context(np.where(sphere, 30.0, lung), sphere) == "isolated"
+    wall = lung.copy()
+    wall[:, :, 24:] = 40.0  # chest wall touching the nodule's side
+    assert nodule_context(np.where(sphere, 30.0, wall), sphere) == "pleural/mediastinal"
+    vessel = lung.copy()
+    vessel[((yy - 20) ** 2 + (xx - 26) ** 2) <= 4] = 40.0  # a 4 mm vessel running past it
+    assert nodule_context(np.where(sphere, 30.0, vessel), sphere) == "vascular"

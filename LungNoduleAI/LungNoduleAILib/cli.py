@@ -91,6 +91,7 @@ def _add_train(sub) -> None:
     p.add_argument("--init", default=None, help="start from this model's weights (JSON or .pt path)")
     p.add_argument("--mine-hard-negatives", action="store_true", help="before training, record where the (--init) model fires wrongly in the training cubes and scans and sample patches there")
     p.add_argument("--mine-threshold", type=float, default=0.3, help="probability above which a response off any nodule counts as a hard negative (default: %(default)s)")
+    p.add_argument("--attached-weight", type=float, default=1.0, help="draw real nodules that touch the pleura or a vessel this many times as often (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -325,7 +326,7 @@ def _run_train(args) -> int:
     record = train(
         data, args.output, spec, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
         patch=args.patch, lr=args.lr, seed=args.seed, device=args.device, val_every=args.val_every, init=args.init, command=command,
-        mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold,
+        mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold, attached_weight=args.attached_weight,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

@@ -10,7 +10,7 @@
   every other candidate is a false one. FROC/CPM per cube from candidates
   down to ``--froc-threshold``.
   Each validation nodule is also sorted by its surroundings (see
-  ``nodule_context``): attached to the pleura/mediastinum, attached to a
+  ``LungNoduleAILib.train.nodule_context``): attached to the pleura/mediastinum, attached to a
   vessel, or isolated, and the sensitivity is given for each.
 * Full scans (LIDC-IDRI-0001, -0002): the LUNA16 reference nodules, whether
   the top-ranked candidate is one, and the false positives as LUNA16 counts
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LungNoduleAILib.evaluate import Finding, evaluate, lidc_excluded_findings, lidc_reader_marks, match_scan
+from LungNoduleAILib.evaluate import Finding, evaluate, lidc_excluded_findings, lidc_reader_marks, match_scan, write_reference_csv
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
-from LungNoduleAILib.train import validation_series
+from LungNoduleAILib.train import NODULE_CONTEXTS, nodule_context, validation_series
 
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -49,35 +49,10 @@ def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dic
     return [r for r in rows if r["seriesuid"] in val]
 
 
-CONTEXTS = ("pleural/mediastinal", "vascular", "isolated")
-
-
-def nodule_context(ct: sitk.Image, mask: sitk.Image) -> str:
-    """Where a cube's nodule sits: touching the pleura/mediastinum, a vessel, or nothing.
-
-    Soft tissue (> -500 HU) in a 2 mm shell around the nodule mask, grouped
-    into connected components outside the nodule: a component of more than
-    8 cm^3 inside the cube is chest wall or mediastinum ("pleural/mediastinal"),
-    any smaller one touching the shell is a vessel or airway wall ("vascular").
-    """
-    nod = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    radius = [max(1, int(round(2.0 / s))) for s in ct.GetSpacing()]
-    shell = sitk.And(sitk.BinaryDilate(nod, radius), sitk.Not(nod))
-    tissue = sitk.And(sitk.Cast(ct > -500, sitk.sitkUInt8), sitk.Not(sitk.BinaryDilate(nod, [1, 1, 1])))
-    comps = sitk.ConnectedComponent(tissue)
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(comps)
-    touching = set(np.unique(sitk.GetArrayViewFromImage(comps)[sitk.GetArrayViewFromImage(sitk.BinaryDilate(shell, [1, 1, 1])) > 0]).tolist()) - {0}
-    if not touching:
-        return "isolated"
-    big = max(stats.GetPhysicalSize(int(c)) for c in touching)
-    return "pleural/mediastinal" if big > 8000.0 else "vascular"
-
-
 def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: int, froc_threshold: float) -> dict:
     rows = val_cubes(data_dir, seed)
     found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
-    by_context = {c: [0, 0] for c in CONTEXTS}
+    by_context = {c: [0, 0] for c in NODULE_CONTEXTS}
     missed = []
     froc_scans = []
     sweep = {t: [0, 0] for t in SWEEP}
@@ -102,7 +77,7 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         key = "<6mm" if float(r["diameter_mm"]) < 6 else ">=6mm"
         by_size[key][0] += bool(hits)
         by_size[key][1] += 1
-        context = nodule_context(ct.image, mask)
+        context = nodule_context(sitk.GetArrayViewFromImage(ct.image), sitk.GetArrayViewFromImage(mask), ct.image.GetSpacing())
         by_context[context][0] += bool(hits)
         by_context[context][1] += 1
         if not hits:
@@ -158,6 +133,16 @@ def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float |
     return figures, match_scan(case, [c for c in low_dicts if c["probability"] >= froc_threshold], refs, excluded)
 
 
+def write_excluded_csv(scans: Path, path: Path) -> None:
+    """LUNA16 excluded findings of the full scans, keyed by series UID (series.csv), as a LUNA16 CSV."""
+    uids = {r["case"]: r["seriesuid"] for r in csv.DictReader(open(scans / "series.csv"))}
+    out = {}
+    for case, uid in uids.items():
+        refs = [Finding(tuple(float(row[k]) for k in ("coordX", "coordY", "coordZ")), float(row["diameter_mm"])) for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))]
+        out[uid] = lidc_excluded_findings(lidc_reader_marks(scans / f"{case}.xml", sitk.ReadImage(str(scans / f"{case}.nii.gz"))), refs)
+    write_reference_csv(out, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True, type=Path)
@@ -166,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the training split seed")
     ap.add_argument("--output", type=Path, default=None)
     ap.add_argument("--skip-cubes", action="store_true")
+    ap.add_argument("--excluded-csv", type=Path, default=None, help="also write the full scans' LUNA16 excluded findings (from the XML) here, for lungnoduleai evaluate --excluded")
     ap.add_argument("--froc-threshold", type=float, default=0.05, help="candidates down to this probability feed the FROC curve")
     args = ap.parse_args(argv)
     detector = Detector(args.model, "auto")
@@ -174,6 +160,8 @@ def main(argv=None) -> int:
     if not args.skip_cubes:
         figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed, min(args.froc_threshold, threshold))
         print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}), flush=True)
+    if args.excluded_csv:
+        write_excluded_csv(args.data_dir / "scans", args.excluded_csv)
     scans = [evaluate_scan(detector, args.data_dir / "scans", c, threshold, min(args.froc_threshold, threshold)) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
     figures["full_scans"] = [f for f, _ in scans]
     for s in figures["full_scans"]:

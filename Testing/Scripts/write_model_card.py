@@ -59,12 +59,29 @@ def main() -> None:
             f"### Held-out validation cubes ({vc['cubes']} nodules, {vc['series']} series never seen in training)",
             f"- Found (a candidate centre within the nodule's radius): **{vc['sensitivity']:.3f}**; other candidates per cube: **{vc['other_candidates_per_cube']:.2f}**.",
             "- By size: " + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc["sensitivity_by_size"].items()) + ".",
+            "- By surroundings (`nodule_context` in the script: soft tissue in a 3 mm shell around the nodule; thick = chest wall/mediastinum): "
+            + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc.get("sensitivity_by_context", {}).items()) + ".",
             f"- FROC per cube (candidates down to p = 0.05): CPM {vc['cpm']:.3f} (95 % CI {vc['cpm_ci95'][0]:.3f}-{vc['cpm_ci95'][1]:.3f}); sensitivity at "
             + ", ".join(f"{k} FP/cube {v:.3f}" for k, v in vc["sensitivity_at_fp_per_cube"].items()) + ".",
         ]
-    lines += ["", "### Full scans", "", "| scan | reference nodules | found | top candidate is the reference | candidates | false candidates | of which not near any LIDC reader mark |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Full scans (LUNA16 rules: candidates on the XML's other reader marks are excluded findings, neither hits nor false positives)",
+        "",
+        "| scan | reference nodules | found | top candidate is the reference | candidates | on excluded findings | false positives |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in fig["full_scans"]:
-        lines.append(f"| {s['case']} | {s['reference_nodules']} | {s['references_found']} | {'yes' if s['top_candidate_is_reference'] else ('n/a' if not s['reference_nodules'] else 'no')} | {s['candidates']} | {s['false_candidates']} | {s['false_candidates_not_near_any_reader_mark']} |")
+        top = "yes" if s["top_candidate_is_reference"] else ("n/a" if not s["reference_nodules"] else "no")
+        lines.append(f"| {s['case']} | {s['reference_nodules']} | {s['references_found']} | {top} | {s['candidates']} | {s['on_excluded_findings']} | {s['false_positives']} |")
+    lines += ["", "False positives per threshold: " + "; ".join(
+        f"p >= {t}: " + ", ".join(f"{s['case'][-4:]} {s['sweep'][t]['false_positives']}" for s in fig["full_scans"]) for t in fig["full_scans"][0]["sweep"]) + "."]
+    fs = fig.get("full_scan_froc")
+    if fs:
+        lines.append(
+            f"FROC over the {fs['scans']} scans ({fs['nodules']} reference nodule): CPM {fs['cpm']:.3f}; at p >= {fig['threshold']}: sensitivity {fs['operating_point']['sensitivity']:.3f}, "
+            f"{fs['operating_point']['fp_per_scan']:.1f} FP/scan. With one nodule this says little beyond 'found at rank 1'."
+        )
     lines += [
         "",
         "LIDC-IDRI-0001 is never used in training (the bundled demo CT is cut from it). LIDC-IDRI-0002 has no LUNA16 reference nodule; its lungs are used for negatives (away from reader marks), so its figure is not an unseen-data figure.",
