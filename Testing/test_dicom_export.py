@@ -23,7 +23,7 @@ hd = pytest.importorskip("highdicom")
 
 @pytest.fixture(scope="module")
 def detected(tmp_path_factory, bundled_model):
-    """The bundled sample as a DICOM series, and the detector's outputs on it (3 candidates at p >= 0.1)."""
+    """The bundled sample as a DICOM series, and the detector's outputs on it (several candidates at p >= 0.1)."""
     root = tmp_path_factory.mktemp("sample_dicom")
     info = write_ct_series(read_ct(SAMPLE_CT).image, root / "dcm")
     Detector(bundled_model).detect_to_files(root / "dcm", root / "out", threshold=0.1)
@@ -32,8 +32,8 @@ def detected(tmp_path_factory, bundled_model):
     return {"root": root, "dcm": root / "dcm", "seg": root / "out" / "dcm.seg.nrrd", "prob": root / "out" / "dcm_probability.nrrd", **info}
 
 
-def review(seg_path, out_path, statuses: dict, dilate: tuple = ()) -> None:
-    """Write a copy of ``seg_path`` with review statuses (by segment index) and some segments grown by one voxel, as an annotator leaves it."""
+def review(seg_path, out_path, statuses: dict, dilate: tuple = (), default: str = "rejected") -> None:
+    """Write a copy of ``seg_path`` with review statuses (by segment index; the others get ``default``) and some segments grown by one voxel, as an annotator leaves it."""
     seg = read_segmentation(seg_path)
     arr = sitk.GetArrayFromImage(seg.layers[0])
     for i in dilate:
@@ -44,7 +44,7 @@ def review(seg_path, out_path, statuses: dict, dilate: tuple = ()) -> None:
     segments = []
     for i, s in enumerate(seg.segments):
         tags = dict(s["tags"])
-        status = statuses.get(i, "pending")
+        status = statuses.get(i, default)
         tags["LungNoduleAI.ReviewStatus"] = status
         tags["Segmentation.Status"] = {"accepted": "completed", "rejected": "completed", "flagged": "flagged"}.get(status, "notstarted")
         tags["LungNoduleAI.Reviewer"] = "Dr Test"
@@ -52,7 +52,7 @@ def review(seg_path, out_path, statuses: dict, dilate: tuple = ()) -> None:
     write_segmentation_labelmap(img, segments, out_path)
 
 
-def test_reviewed_sample_exports_seg_and_sr_that_match_the_labels_and_csv(detected, tmp_path):
+def test_reviewed_sample_exports_seg_and_sr_that_match_the_labels_and_csv(detected, tmp_path, bundled_model):
     reviewed = tmp_path / "dcm_reviewed.seg.nrrd"
     review(detected["seg"], reviewed, {0: "accepted", 1: "accepted", 2: "rejected"}, dilate=(1,))
     out = tmp_path / "export"
@@ -75,8 +75,8 @@ def test_reviewed_sample_exports_seg_and_sr_that_match_the_labels_and_csv(detect
         assert s.SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
         assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
         assert s.AnatomicRegionSequence[0].CodeValue == "39607008"
-        assert s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "lung_nodule_unet"
-        assert s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "1.0.0"
+        assert s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == bundled_model.spec.name == "lung_nodule_unet"
+        assert s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == bundled_model.spec.version
     assert len({s.TrackingUID for s in items}) == 2
 
     rows = list(csv.DictReader(open(out / "dcm_reviewed_nodules.csv", encoding="utf-8")))
@@ -179,7 +179,7 @@ def test_seg_frames_of_a_tilted_series_lie_on_the_tilted_source_slices(tmp_path)
 
 def test_refusals_say_what_is_wrong_and_write_nothing(detected, tmp_path, capsys):
     reviewed = tmp_path / "rev.seg.nrrd"
-    review(detected["seg"], reviewed, {0: "accepted", 1: "accepted"})  # #3 left pending
+    review(detected["seg"], reviewed, {0: "accepted", 1: "accepted"}, default="pending")  # the others left pending
     out = tmp_path / "out"
 
     def refused(args, message):
@@ -191,7 +191,7 @@ def test_refusals_say_what_is_wrong_and_write_nothing(detected, tmp_path, capsys
     refused(["--dicom", str(detected["dcm"])], "not yet accepted or rejected")
     refused(["--dicom", str(detected["dcm"]), "--formats", "dcm-seg,pdf"], "Unknown export format")
     all_rejected = tmp_path / "none.seg.nrrd"
-    review(detected["seg"], all_rejected, {i: "rejected" for i in range(5)})
+    review(detected["seg"], all_rejected, {})
     assert main(["export", str(all_rejected), "--dicom", str(detected["dcm"]), "-o", str(out)]) == 1
     assert "No accepted segments" in capsys.readouterr().err
     assert main(["export", str(SAMPLE_CT), "--dicom", str(detected["dcm"]), "-o", str(out)]) == 1

@@ -44,7 +44,7 @@ def main() -> None:
         f"- Started from: `{t.get('init')}`" if t.get("init") else "- Started from: random initialisation",
         f"- Seed {t.get('seed')}, device {t.get('device')}, world size {t.get('world_size', 1)}, {t.get('total_minutes', '?')} minutes, patch {t.get('patch')}³, batch {t.get('batch_size')}, lr {t.get('lr')} ({t.get('optimizer')}), loss {t.get('loss')}.",
         f"- Data: {json.dumps(t.get('data', {}))}.",
-        "- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn twice as often.",
+        "- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn twice as often; with --attached-weight, real nodules that touch the pleura or a vessel (`LungNoduleAILib.train.nodule_context`) drawn that many times as often.",
         "- Negatives: training cubes with their nodule erased, and lung patches of the full scan(s) named in the data (half centred on dense tissue inside the lung), kept 12+ mm away from anything an LIDC reader marked; with --mine-hard-negatives, patches centred where the starting model fired wrongly.",
         "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
         f"- Validation split by series (seed {t.get('data', {}).get('split_seed')}): best in-training validation {json.dumps(best)}.",
@@ -59,7 +59,7 @@ def main() -> None:
             f"### Held-out validation cubes ({vc['cubes']} nodules, {vc['series']} series never seen in training)",
             f"- Found (a candidate centre within the nodule's radius): **{vc['sensitivity']:.3f}**; other candidates per cube: **{vc['other_candidates_per_cube']:.2f}**.",
             "- By size: " + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc["sensitivity_by_size"].items()) + ".",
-            "- By surroundings (`nodule_context` in the script: soft tissue in a 3 mm shell around the nodule; thick = chest wall/mediastinum): "
+            "- By surroundings (`LungNoduleAILib.train.nodule_context`: soft tissue in a 3 mm shell around the nodule; thick = chest wall/mediastinum): "
             + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc.get("sensitivity_by_context", {}).items()) + ".",
             f"- FROC per cube (candidates down to p = 0.05): CPM {vc['cpm']:.3f} (95 % CI {vc['cpm_ci95'][0]:.3f}-{vc['cpm_ci95'][1]:.3f}); sensitivity at "
             + ", ".join(f"{k} FP/cube {v:.3f}" for k, v in vc["sensitivity_at_fp_per_cube"].items()) + ".",
@@ -74,7 +74,7 @@ def main() -> None:
     for s in fig["full_scans"]:
         top = "yes" if s["top_candidate_is_reference"] else ("n/a" if not s["reference_nodules"] else "no")
         lines.append(f"| {s['case']} | {s['reference_nodules']} | {s['references_found']} | {top} | {s['candidates']} | {s['on_excluded_findings']} | {s['false_positives']} |")
-    lines += ["", "False positives per threshold: " + "; ".join(
+    lines += ["", "False positives per threshold (components of one run at p >= 0.05 kept when their maximum reaches the threshold, which can differ by a candidate from a run at that threshold, whose components below 5 mm³ are dropped): " + "; ".join(
         f"p >= {t}: " + ", ".join(f"{s['case'][-4:]} {s['sweep'][t]['false_positives']}" for s in fig["full_scans"]) for t in fig["full_scans"][0]["sweep"]) + "."]
     fs = fig.get("full_scan_froc")
     if fs:
