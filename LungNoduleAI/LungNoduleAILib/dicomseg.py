@@ -168,6 +168,16 @@ def masks_on_source_slices(
     crops = [_crop_to_content(layer) for layer in layers]
     normal = np.cross(np.asarray(series.orientation[:3], float), np.asarray(series.orientation[3:], float))
     d = series.positions_lps_mm @ normal
+    # each crop's extent along the slice normal (its box corners), to skip the slices that miss it
+    spans = []
+    for crop in crops:
+        if crop is None:
+            spans.append(None)
+            continue
+        size = crop.GetSize()
+        corners = np.array([crop.TransformContinuousIndexToPhysicalPoint((a - 0.5, b - 0.5, c - 0.5)) for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])])
+        proj = corners @ normal
+        spans.append((proj.min() - 1e-3, proj.max() + 1e-3))
     frames: list[int] = []
     per_frame: list[np.ndarray] = []
     dtype = np.float32 if probability is not None else np.uint8
@@ -175,15 +185,7 @@ def masks_on_source_slices(
         ref = None
         stack = None
         for li, crop in enumerate(crops):
-            if crop is None:
-                continue
-            # skip slices whose plane misses the crop's box (corners' distance along the normal)
-            size = crop.GetSize()
-            corners = np.array(
-                [crop.TransformContinuousIndexToPhysicalPoint((a - 0.5, b - 0.5, c - 0.5)) for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])]
-            )
-            proj = corners @ normal
-            if d[k] < proj.min() - 1e-3 or d[k] > proj.max() + 1e-3:
+            if crop is None or not spans[li][0] <= d[k] <= spans[li][1]:
                 continue
             ref = ref if ref is not None else _slice_reference(series, k)
             sampled = sitk.GetArrayFromImage(sitk.Resample(crop, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, crop.GetPixelID()))[0]
