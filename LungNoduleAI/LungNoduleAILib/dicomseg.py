@@ -372,6 +372,12 @@ def make_dicom_sr(seg_dataset, segments: Sequence[ExportSegment], series: DicomS
         imaging_measurements=groups,
     )
     sources = source_datasets(series)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")  # the hospital's names, kept as they are
+        return _comprehensive_sr(hd, seg_dataset, sources, report)
+
+
+def _comprehensive_sr(hd, seg_dataset, sources, report):
     return hd.sr.Comprehensive3DSR(
         evidence=[seg_dataset] + sources,
         content=report,
