@@ -219,6 +219,7 @@ def make_dicom_seg(
     probability: sitk.Image | None = None,
     series_number: int = 901,
     content_creator: str | None = None,
+    sources: Sequence | None = None,
 ):
     """A DICOM Segmentation of ``segments`` referencing ``series``.
 
@@ -229,6 +230,7 @@ def make_dicom_seg(
         software_version: LungNoduleAI version (Software Versions).
         probability: give it for a FRACTIONAL (probability) SEG, else BINARY.
         content_creator: the annotator's name (Content Creator's Name).
+        sources: the series' headers from :func:`source_datasets`, if already read.
 
     Returns:
         The ``highdicom.seg.Segmentation`` dataset.
@@ -252,7 +254,7 @@ def make_dicom_seg(
             f"Segment(s) {', '.join(missing)} have no voxel on any slice of the source series {series.series_uid}: "
             "they lie outside the CT that the DICOM folder holds. Is it the series the nodules were found in?"
         )
-    sources = source_datasets(series)
+    sources = sources if sources is not None else source_datasets(series)
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name[:64], version=model_version[:64], family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
     for n, s in enumerate(segments, start=1):
@@ -321,7 +323,16 @@ def sr_measurements(segment: ExportSegment) -> list:
     return out
 
 
-def make_dicom_sr(seg_dataset, segments: Sequence[ExportSegment], series: DicomSeries, model_name: str, model_version: str, software_version: str, observer: str | None = None):
+def make_dicom_sr(
+    seg_dataset,
+    segments: Sequence[ExportSegment],
+    series: DicomSeries,
+    model_name: str,
+    model_version: str,
+    software_version: str,
+    observer: str | None = None,
+    sources: Sequence | None = None,
+):
     """A Comprehensive 3D SR (TID 1500 measurement report): one measurement group per nodule.
 
     Each group carries the nodule's tracking identifier and UID, a reference to
@@ -371,7 +382,7 @@ def make_dicom_sr(seg_dataset, segments: Sequence[ExportSegment], series: DicomS
         procedure_reported=Code("25045-6", "LN", "CT unspecified body region"),
         imaging_measurements=groups,
     )
-    sources = source_datasets(series)
+    sources = sources if sources is not None else source_datasets(series)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")  # the hospital's names, kept as they are
         return _comprehensive_sr(hd, seg_dataset, sources, report)

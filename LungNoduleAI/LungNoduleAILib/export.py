@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from . import __version__
 from .candidates import Candidate, measure_candidates
-from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, tracking_uid
-from .imageio import CTVolume, read_ct, to_hu
+from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, source_datasets, tracking_uid
+from .imageio import CTVolume, read_ct
 from .writers import SEGMENT_COLORS, mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
 
 __all__ = [
@@ -242,11 +242,12 @@ def write_dicom_outputs(
             "Give the source DICOM folder (lungnoduleai export --dicom DIR; in Slicer load the CT through the DICOM module), "
             "or export only seg.nrrd, nii.gz, csv and json."
         )
-    seg_ds = make_dicom_seg(layers, segments, ct.dicom, model[0], model[1], __version__, probability=probability, content_creator=reviewer)
+    sources = source_datasets(ct.dicom)  # the CT headers, read once for both objects
+    seg_ds = make_dicom_seg(layers, segments, ct.dicom, model[0], model[1], __version__, probability=probability, content_creator=reviewer, sources=sources)
     if "dcm-seg" in targets:
         seg_ds.save_as(str(tmp_dir / targets["dcm-seg"].name))
     if "dcm-sr" in targets:
-        sr = make_dicom_sr(seg_ds, segments, ct.dicom, model[0], model[1], __version__, observer=reviewer)
+        sr = make_dicom_sr(seg_ds, segments, ct.dicom, model[0], model[1], __version__, observer=reviewer, sources=sources)
         sr.save_as(str(tmp_dir / targets["dcm-sr"].name))
 
 
@@ -399,7 +400,7 @@ def export_reviewed(
         raise ValueError(f"No accepted segments in '{seg_path}' ({len(statuses)} segment(s): {', '.join(sorted(set(statuses))) or 'none'}). Accept at least one nodule first.")
 
     # one label image on the CT grid: value n = n-th exported segment
-    ct_hu = to_hu(ct.image)
+    ct_hu = ct.image  # read_ct gives int16 HU already
     resampled = [sitk.Resample(layer, ct_hu, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16) for layer in seg_file.layers]
     arr = np.zeros(sitk.GetArrayViewFromImage(ct_hu).shape, np.uint16)
     for n, i in enumerate(chosen, start=1):
