@@ -40,7 +40,56 @@ def test_pack_round_trip(tmp_path, few_cubes):
     back = load_pack(tmp_path / "pack.npz")
     np.testing.assert_array_equal(back.cubes, few_cubes.cubes)
     np.testing.assert_array_equal(back.is_val, few_cubes.is_val)
-    assert back.meta == few_cubes.meta
+    np.testing.assert_array_equal(back.contexts, few_cubes.contexts)
+    assert set(few_cubes.contexts) <= {"pleural/mediastinal", "vascular", "isolated"} and len(few_cubes.contexts) == 24
+    assert back.meta == dict(few_cubes.meta, pack={"bits": 8, "cube_size": 50, "scan_margin": None})
+
+
+def test_small_pack_keeps_what_training_needs(tmp_path, few_cubes):
+    """Fewer bits, cropped cubes and a scan cropped to its lungs: smaller, and the same data within a quantisation step."""
+    from LungNoduleAILib.train import TrainingData
+
+    rng = np.random.default_rng(0)
+    scan = rng.integers(0, 256, (80, 90, 100), dtype=np.uint8)
+    lung = np.zeros_like(scan)
+    lung[30:50, 20:60, 40:70] = 1
+    marks = np.array([[40.0, 30.0, 50.0]], np.float32)
+    data = TrainingData(few_cubes.cubes, few_cubes.masks, few_cubes.diameters_mm, few_cubes.series, few_cubes.is_val, [(scan, lung, marks)], dict(few_cubes.meta), contexts=few_cubes.contexts)
+    save_pack(data, tmp_path / "full.npz")
+    save_pack(data, tmp_path / "small.npz", bits=6, cube_size=48, scan_margin=10)
+    assert (tmp_path / "small.npz").stat().st_size < 0.8 * (tmp_path / "full.npz").stat().st_size
+    back = load_pack(tmp_path / "small.npz")
+    assert back.cubes.shape == (24, 48, 48, 48) and back.cubes.dtype == np.uint8
+    diff = back.cubes.astype(int) - few_cubes.cubes[:, 1:49, 1:49, 1:49]
+    assert diff.min() >= -3 and diff.max() <= 3 and abs(diff.mean()) < 0.5  # 6 bits: 4 levels a step, dithered
+    np.testing.assert_array_equal(back.masks, few_cubes.masks[:, 1:49, 1:49, 1:49])
+    assert back.masks.sum() > 0.95 * few_cubes.masks.sum()  # the nodules stay in the crop
+    vol, lng, pts = back.scans[0]
+    assert vol.shape == lng.shape == (40, 60, 50)  # lung box (20, 40, 30) + 10 voxels each side
+    assert lng.sum() == lung.sum()
+    np.testing.assert_allclose(pts, [[20.0, 20.0, 20.0]])  # the reader mark moved with the crop
+    assert np.abs(vol.astype(int) - scan[20:60, 10:70, 30:80]).max() <= 3
+    with pytest.raises(ValueError, match="bits"):
+        save_pack(data, tmp_path / "bad.npz", bits=9)
+
+
+def test_components_match_simpleitk():
+    """The training-time connected components (scipy) are SimpleITK's: same count, sizes and centroids."""
+    import SimpleITK as sitk
+
+    from LungNoduleAILib.train import _components
+
+    rng = np.random.default_rng(3)
+    binary = rng.random((30, 32, 34)) > 0.7
+    ours = _components(binary, 3)
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)))
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(cc)
+    theirs = [(np.array(stats.GetCentroid(k))[::-1], stats.GetNumberOfPixels(k)) for k in stats.GetLabels() if stats.GetNumberOfPixels(k) >= 3]
+    assert len(ours) == len(theirs) > 5
+    for (c, voxels), (tc, tn) in zip(sorted(ours, key=lambda o: tuple(o[0])), sorted(theirs, key=lambda t: tuple(t[0]))):
+        np.testing.assert_allclose(c, tc, atol=1e-9)
+        assert len(voxels[0]) == tn
 
 
 def test_train_saves_a_loadable_model_with_its_record(tmp_path, few_cubes):
@@ -104,6 +153,56 @@ def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
     meta = json.loads((tmp_path / "ddp.json").read_text())
     assert meta["training"]["world_size"] == 2
     load_model(tmp_path / "ddp.json", "cpu")
+
+
+def test_training_from_a_pack_needs_no_simpleitk_and_feeds_from_workers(tmp_path, few_cubes):
+    """As on a GPU machine without SimpleITK: a pack, patches drawn by worker processes, hard negatives mined by another model."""
+    import os
+    import subprocess
+    import sys
+
+    spec = ModelSpec(architecture=TINY)
+    train(few_cubes, tmp_path / "miner.json", spec, steps=1, batch_size=2, patch=32, val_every=1, device="cpu")
+    save_pack(few_cubes, tmp_path / "pack.npz", bits=7, cube_size=48)
+    code = (
+        "import sys; sys.modules['SimpleITK'] = None\n"  # any import of SimpleITK now fails
+        "from LungNoduleAILib.model import ModelSpec\n"
+        "from LungNoduleAILib.train import load_pack, train\n"
+        f"r = train(load_pack({str(tmp_path / 'pack.npz')!r}), {str(tmp_path / 'w.json')!r}, ModelSpec(architecture={TINY!r}), steps=3, batch_size=2, patch=32,"
+        f" val_every=3, device='cpu', workers=2, mine_hard=True, mine_threshold=0.0, mine_with={str(tmp_path / 'miner.json')!r})\n"
+        "print('hard', r['data']['hard_negatives']['model'], r['workers'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"hard {tmp_path / 'miner.json'} 2" in proc.stdout
+    assert load_model(tmp_path / "w.json", "cpu").spec.training["best_validation"]["val_cubes"] == int(few_cubes.is_val.sum())
+
+
+def test_scan_false_responses_skip_reader_marks():
+    """False responses in a scan's lungs are counted unless within 15 mm of something a reader marked."""
+    import torch
+
+    from LungNoduleAILib.train import _scan_false_responses
+
+    vol = np.full((60, 60, 60), 20, np.uint8)  # lung
+    lung = np.ones_like(vol)
+    vol[10:14, 10:14, 10:14] = 200  # a dense blob far from any mark
+    vol[40:44, 40:44, 40:44] = 200  # a dense blob next to a reader mark
+    net = torch.nn.Conv3d(1, 1, 1)  # fires on dense tissue
+    with torch.no_grad():
+        net.weight.fill_(40.0)
+        net.bias.fill_(-20.0)
+    marks = np.array([[45.0, 42.0, 42.0]], np.float32)
+    assert _scan_false_responses(net, (vol, lung, marks), "cpu", 0.5, 5, roi=32) == [[12, 12, 12]]
+    assert len(_scan_false_responses(net, (vol, lung, marks[:0]), "cpu", 0.5, 5, roi=32)) == 2
+
+
+def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
+    from LungNoduleAILib.cli import main
+
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--mix", "0.5,0.5"]) == 2
+    assert "--mix needs 4 non-negative fractions" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_nodule_context_tells_pleural_vascular_and_isolated_apart():

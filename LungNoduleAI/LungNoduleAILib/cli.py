@@ -90,9 +90,14 @@ def _add_train(sub) -> None:
     p.add_argument("--val-every", type=int, default=250, help="validate every N steps")
     p.add_argument("--init", default=None, help="start from this model's weights (JSON or .pt path)")
     p.add_argument("--mine-hard-negatives", action="store_true", help="before training, record where the (--init) model fires wrongly in the training cubes and scans and sample patches there")
+    p.add_argument("--mine-with", default=None, help="with --mine-hard-negatives: mine with this model (JSON) instead of --init, e.g. to train afresh on the bundled model's mistakes")
     p.add_argument("--mine-threshold", type=float, default=0.3, help="probability above which a response off any nodule counts as a hard negative (default: %(default)s)")
     p.add_argument("--attached-weight", type=float, default=1.0, help="draw real nodules that touch the pleura or a vessel this many times as often (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mix", default="0.3,0.25,0.15,0.3", help="fractions of nodule-cube crops, pasted nodules, nodule-free cubes and full-scan lung patches (default: %(default)s)")
+    p.add_argument("--fp-weight", type=float, default=0.05, help="checkpoint choice: weight of other candidates per validation cube (default: %(default)s)")
+    p.add_argument("--scan-fp-weight", type=float, default=0.0, help="checkpoint choice: weight of each false response in the training scans' lungs (counted at each validation when > 0; default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="processes drawing training patches (Linux; e.g. 8 to keep a GPU busy; default: %(default)s = in this process)")
 
 
 def _add_pack(sub) -> None:
@@ -101,6 +106,9 @@ def _add_pack(sub) -> None:
     p.add_argument("--output", required=True, help=".npz path")
     p.add_argument("--scans", default="LIDC-IDRI-0002")
     p.add_argument("--seed", type=int, default=0, help="validation split seed")
+    p.add_argument("--bits", type=int, default=8, help="intensity bits kept (8 = lossless; 7 makes a pack about a sixth smaller; default: %(default)s)")
+    p.add_argument("--cube-size", type=int, default=None, help="crop the 50-voxel nodule cubes centrally to this size (>= the training patch)")
+    p.add_argument("--scan-margin", type=int, default=None, help="crop scans to the lungs' bounding box plus this many voxels (>= half the training patch)")
 
 
 def _add_detect(sub) -> None:
@@ -320,6 +328,15 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ModelSpec()
+    if args.init and Path(args.init).with_suffix(".json").exists():
+        spec.threshold = ModelSpec.from_json(Path(args.init).with_suffix(".json")).threshold  # a fine-tune validates at its model's threshold
+    try:
+        mix = [float(v) for v in args.mix.split(",")]
+    except ValueError:
+        mix = []
+    if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
+        print(f"error: --mix needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{args.mix}'", file=sys.stderr)
+        return 2
     scans = [s for s in args.scans.split(",") if s]
     data = load_pack(args.pack) if args.pack else prepare_training_data(args.data_dir, spec, scans, seed=args.seed)
     command = "lungnoduleai " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -327,6 +344,7 @@ def _run_train(args) -> int:
         data, args.output, spec, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
         patch=args.patch, lr=args.lr, seed=args.seed, device=args.device, val_every=args.val_every, init=args.init, command=command,
         mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold, attached_weight=args.attached_weight,
+        workers=args.workers, mine_with=args.mine_with, mix=mix, fp_weight=args.fp_weight, scan_fp_weight=args.scan_fp_weight,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0
@@ -337,7 +355,7 @@ def _run_pack(args) -> int:
     from .train import prepare_training_data, save_pack
 
     data = prepare_training_data(args.data_dir, ModelSpec(), [s for s in args.scans.split(",") if s], seed=args.seed)
-    save_pack(data, args.output)
+    save_pack(data, args.output, bits=args.bits, cube_size=args.cube_size, scan_margin=args.scan_margin)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.1f} MB): {data.meta}")
     return 0
 

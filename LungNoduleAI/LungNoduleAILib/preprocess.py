@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .intensity import scale_intensity, scale_intensity_uint8
+
 __all__ = [
     "orient_lps",
     "resample_to_spacing",
@@ -78,20 +80,6 @@ def resample_to_spacing(
 def resample_like(image: sitk.Image, reference: sitk.Image, interpolator: int = sitk.sitkLinear, default_value: float = 0.0) -> sitk.Image:
     """Resample ``image`` onto the grid of ``reference`` (physical space, LPS mm)."""
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, default_value, image.GetPixelID())
-
-
-def scale_intensity(array_hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
-    """Clip HU to ``window_hu = (low, high)`` and scale linearly to [0, 1] (float32)."""
-    low, high = float(window_hu[0]), float(window_hu[1])
-    out = np.clip(array_hu, low, high).astype(np.float32, copy=False)
-    out -= low
-    out *= 1.0 / (high - low)
-    return out
-
-
-def scale_intensity_uint8(array_hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
-    """Like :func:`scale_intensity` but quantised to uint8 0..255 (for compact data packs)."""
-    return np.round(scale_intensity(array_hu, window_hu) * 255.0).astype(np.uint8)
 
 
 def compute_lung_mask(image_hu: sitk.Image, work_spacing_mm: float = 2.0, closing_radius_mm: float = 10.0) -> sitk.Image | None:

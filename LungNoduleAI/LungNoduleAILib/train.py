@@ -14,7 +14,13 @@ is one of:
 
 Validation is split by series (never by cube). The same command runs on the
 CPU, on one GPU, and under ``torchrun`` on several GPUs
-(DistributedDataParallel).
+(DistributedDataParallel); with ``workers`` > 0, patches are drawn and
+augmented by that many processes so that a GPU is not kept waiting.
+
+SimpleITK is needed only to read the data folder (``prepare_training_data``)
+and for :func:`nodule_context`; training from a data pack needs numpy,
+scipy (scikit-learn's own dependency), torch and MONAI, so a pack can train
+on a machine where SimpleITK is not installed.
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import SimpleITK as sitk
+from scipy import ndimage
 
 from .model import ModelSpec, build_network, save_model
-from .preprocess import compute_lung_mask, orient_lps, resample_like, resample_to_spacing, scale_intensity_uint8
+from .intensity import scale_intensity_uint8
 
 __all__ = ["mine_hard_negatives", "validation_series", "TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
 
@@ -42,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 
-def lidc_marked_points_lps(xml_path: str | os.PathLike, image: sitk.Image) -> list[list[float]]:
+def lidc_marked_points_lps(xml_path: str | os.PathLike, image) -> list[list[float]]:
     """Centres (LPS mm) of everything any LIDC reader marked: nodules (any size) and non-nodules.
 
     Used to keep negative training patches away from real findings.
@@ -66,6 +72,7 @@ class TrainingData:
         meta: description (sources, split seed, counts).
         hard_cube: ``(K, 4)`` hard negatives in training cubes: ``(cube index, z, y, x)``.
         hard_scan: ``(K, 4)`` hard negatives in scans: ``(scan index, z, y, x)``.
+        contexts: ``(N,)`` surroundings of each nodule (:data:`NODULE_CONTEXTS`), or empty when not computed.
     """
 
     cubes: np.ndarray
@@ -77,6 +84,7 @@ class TrainingData:
     meta: dict = field(default_factory=dict)
     hard_cube: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     hard_scan: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
+    contexts: np.ndarray = field(default_factory=lambda: np.zeros((0,), "U20"))
 
 
 def _fit_cube(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -112,6 +120,10 @@ def prepare_training_data(
         seed: split seed.
         max_cubes: use only the first N cubes (quick runs, tests).
     """
+    import SimpleITK as sitk
+
+    from .preprocess import compute_lung_mask, orient_lps, resample_like, resample_to_spacing
+
     data_dir = Path(data_dir)
     rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
     if max_cubes:
@@ -119,6 +131,7 @@ def prepare_training_data(
     size = 50
     cubes = np.zeros((len(rows), size, size, size), np.uint8)
     masks = np.zeros((len(rows), size, size, size), np.uint8)
+    contexts = []
     air = int(scale_intensity_uint8(np.array([-1000.0]), spec.hu_window)[0])
     for n, row in enumerate(rows):
         img = sitk.ReadImage(str(data_dir / "cubes" / row["image"]))
@@ -127,8 +140,10 @@ def prepare_training_data(
             img = resample_to_spacing(img, spec.spacing_mm, sitk.sitkLinear, -1000.0)
             msk = resample_like(msk, img, sitk.sitkNearestNeighbor)
         a = np.maximum(sitk.GetArrayFromImage(img).astype(np.float32), -1000.0)
+        m = (sitk.GetArrayFromImage(msk) > 0).astype(np.uint8)
         cubes[n] = _fit_cube(scale_intensity_uint8(a, spec.hu_window), size, air)
-        masks[n] = _fit_cube((sitk.GetArrayFromImage(msk) > 0).astype(np.uint8), size, 0)
+        masks[n] = _fit_cube(m, size, 0)
+        contexts.append(nodule_context(a, m, img.GetSpacing()))
     series = np.array([r["seriesuid"] for r in rows])
     val_series = validation_series(series, val_fraction, seed)
     is_val = np.array([s in val_series for s in series])
@@ -162,32 +177,78 @@ def prepare_training_data(
         "split_seed": seed,
         "scans": [n for n in scan_names],
     }
-    return TrainingData(cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta)
+    return TrainingData(cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta, contexts=np.array(contexts, "U20"))
 
 
-def save_pack(data: TrainingData, path: str | os.PathLike) -> None:
-    """Write a compact compressed ``.npz`` data pack (for moving data to a GPU machine)."""
+def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_size: int | None = None, scan_margin: int | None = None) -> None:
+    """Write a compact compressed data pack (an ``.npz`` whose members are LZMA-compressed), e.g. for a GPU machine.
+
+    Args:
+        data: what :func:`prepare_training_data` read.
+        path: the ``.npz`` to write.
+        bits: keep the top ``bits`` of each uint8 intensity (8 = lossless; 7
+            halves the levels, a step of 1400/127 = 11 HU, which
+            :func:`load_pack` dithers back; the noise augmentation alone is up
+            to 42 HU). CT noise makes the lower bits incompressible, so this
+            is what makes a pack small.
+        cube_size: crop the nodule cubes (and masks) centrally to this many
+            voxels (at least the training patch; the nodule stays central).
+        scan_margin: crop each scan to its lung mask's bounding box plus this
+            many voxels (at least half the patch, so that no patch centre is
+            lost); ``None`` keeps the whole scan.
+    """
+    import zipfile
+
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    cubes, masks = data.cubes, data.masks
+    if cube_size is not None and cube_size < cubes.shape[1]:
+        lo = (cubes.shape[1] - cube_size) // 2
+        sl = (slice(None),) + (slice(lo, lo + cube_size),) * 3
+        cubes, masks = cubes[sl], masks[sl]
+    shift = 8 - bits
+    meta = dict(data.meta, pack={"bits": bits, "cube_size": int(cubes.shape[1]), "scan_margin": scan_margin})
     arrays = {
-        "cubes": data.cubes, "masks": data.masks, "diameters_mm": data.diameters_mm,
-        "series": data.series, "is_val": data.is_val, "meta": np.array(json.dumps(data.meta)),
-        "hard_cube": data.hard_cube, "hard_scan": data.hard_scan,
+        "cubes": cubes >> shift, "masks": masks, "diameters_mm": data.diameters_mm,
+        "series": data.series, "is_val": data.is_val, "meta": np.array(json.dumps(meta)),
+        "hard_cube": data.hard_cube, "hard_scan": data.hard_scan, "contexts": np.asarray(data.contexts, "U20"),
     }
     for i, (vol, lung, pts) in enumerate(data.scans):
-        arrays[f"scan{i}"], arrays[f"lung{i}"], arrays[f"excl{i}"] = vol, lung, pts
-    np.savez_compressed(path, **arrays)
+        if scan_margin is not None:
+            nz = np.argwhere(lung)
+            lo = np.maximum(nz.min(0) - scan_margin, 0)
+            hi = np.minimum(nz.max(0) + 1 + scan_margin, vol.shape)
+            sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            vol, lung, pts = vol[sl], lung[sl], np.asarray(pts, np.float32).reshape(-1, 3) - lo
+        arrays[f"scan{i}"], arrays[f"lung{i}"], arrays[f"excl{i}"] = vol >> shift, lung, pts
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as zf:
+        for name, arr in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
-def load_pack(path: str | os.PathLike) -> TrainingData:
-    """Read a pack written by :func:`save_pack`."""
+def load_pack(path: str | os.PathLike, seed: int = 0) -> TrainingData:
+    """Read a pack written by :func:`save_pack` (intensities of a pack of fewer than 8 bits are dithered back to uint8 with ``seed``)."""
     z = np.load(path, allow_pickle=False)
+    meta = json.loads(str(z["meta"]))
+    shift = 8 - int(meta.get("pack", {}).get("bits", 8))
+    rng = np.random.default_rng(seed)
+
+    def intensities(a: np.ndarray) -> np.ndarray:
+        if not shift:
+            return a
+        return (a << shift) | rng.integers(0, 1 << shift, size=a.shape, dtype=np.uint8)
+
     scans = []
     i = 0
     while f"scan{i}" in z:
-        scans.append((z[f"scan{i}"], z[f"lung{i}"], z[f"excl{i}"]))
+        scans.append((intensities(z[f"scan{i}"]), z[f"lung{i}"], z[f"excl{i}"]))
         i += 1
-    data = TrainingData(z["cubes"], z["masks"], z["diameters_mm"], z["series"], z["is_val"], scans, json.loads(str(z["meta"])))
+    data = TrainingData(intensities(z["cubes"]), z["masks"], z["diameters_mm"], z["series"], z["is_val"], scans, meta)
     if "hard_cube" in z:
         data.hard_cube, data.hard_scan = z["hard_cube"], z["hard_scan"]
+    if "contexts" in z:
+        data.contexts = z["contexts"]
     return data
 
 
@@ -213,6 +274,8 @@ def nodule_context(ct_hu: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[flo
         mask: ``(z, y, x)`` nodule mask, same grid.
         spacing_mm: ``(x, y, z)`` voxel spacing.
     """
+    import SimpleITK as sitk
+
     nod = sitk.GetImageFromArray((np.asarray(mask) > 0).astype(np.uint8))
     nod.SetSpacing(tuple(float(v) for v in spacing_mm))
 
@@ -247,8 +310,12 @@ class PatchSampler:
         d = data.diameters_mm[idx]
         w = np.where(d < 6, 2.0, 1.0)  # oversample small nodules
         if attached_weight != 1.0:  # and nodules against the pleura or a vessel
-            lo, hi = hu_window
-            attached = np.array([nodule_context(c.astype(np.float32) * ((hi - lo) / 255.0) + lo, m) != "isolated" for c, m in zip(self.cubes, self.masks)])
+            if len(data.contexts) == len(data.cubes):
+                contexts = np.asarray(data.contexts)[idx]
+            else:  # an older pack: tell them from the uint8 cubes
+                lo, hi = hu_window
+                contexts = np.array([nodule_context(c.astype(np.float32) * ((hi - lo) / 255.0) + lo, m) for c, m in zip(self.cubes, self.masks)])
+            attached = contexts != "isolated"
             w = w * np.where(attached, attached_weight, 1.0)
             log.info("%d of %d training nodules touch the pleura or a vessel; drawn %.1fx as often.", int(attached.sum()), len(attached), attached_weight)
         self.nodule_p = w / w.sum()
@@ -271,7 +338,7 @@ class PatchSampler:
             self.scan_centres.append((np.argwhere(lung_b)[:: 7], np.argwhere(dense)[:: 3], pts))
 
     def _erase(self, cube: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        m = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask), [2, 2, 2]))
+        m = ndimage.binary_dilation(mask > 0, _ball(2))
         out = cube.copy()
         lung_vals = cube[(cube < self.lung_max_u8) & (m == 0)]
         fill = np.median(lung_vals) if lung_vals.size else self.lung_max_u8 // 2
@@ -286,8 +353,7 @@ class PatchSampler:
         hi = np.minimum(nz.max(0) + 4, mask.shape)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         m = mask[sl]
-        blend = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(m.astype(np.float32)), 1.0))
-        blend = np.clip(blend * 1.6, 0, 1)
+        blend = np.clip(ndimage.gaussian_filter(m.astype(np.float32), 1.0, mode="constant") * 1.6, 0, 1)
         return cube[sl], m, blend
 
     def _random_crop(self, vol: np.ndarray, lab: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -412,6 +478,47 @@ def _augment(x, y, gen):
     return x, y
 
 
+def _draw_batch(sampler: PatchSampler, batch_size: int, gen):
+    """One augmented batch: ``(x float32 (B, 1, P, P, P) in [0, 1], y float32 (B, 1, P, P, P))``."""
+    import torch
+
+    batch = [sampler.sample() for _ in range(batch_size)]
+    x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None].astype(np.float32) / 255.0)
+    y = torch.from_numpy(np.stack([b[1] for b in batch])[:, None].astype(np.float32))
+    return _augment(x, y, gen)
+
+
+def _batch_stream(sampler: PatchSampler, batch_size: int, seed: int, workers: int, pin_memory: bool = False):
+    """An endless iterator of augmented batches.
+
+    With ``workers`` = 0 the batches are drawn in this process (the CPU
+    default, reproducible from ``seed``); otherwise ``workers`` forked
+    processes draw them, each with its own random streams, so that a GPU is
+    not kept waiting for patches.
+    """
+    import torch
+
+    if workers <= 0:
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield _draw_batch(sampler, batch_size, gen)
+
+    class _Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            wid = info.id if info is not None else 0
+            torch.set_num_threads(1)
+            sampler.rng = np.random.default_rng([seed, wid])
+            gen = torch.Generator().manual_seed(seed + 7 * (wid + 1))
+            while True:
+                yield _draw_batch(sampler, batch_size, gen)
+
+    loader = torch.utils.data.DataLoader(
+        _Stream(), batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4, persistent_workers=True, multiprocessing_context="fork"
+    )
+    yield from loader
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -426,16 +533,10 @@ def cube_detection_stats(prob: np.ndarray, mask: np.ndarray, diameter_mm: float,
         prob: ``(z, y, x)`` probabilities.
         mask: ``(z, y, x)`` reference nodule mask.
     """
-    lab = sitk.ConnectedComponent(sitk.GetImageFromArray((prob >= threshold).astype(np.uint8)))
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(lab)
-    ref = np.argwhere(mask).mean(axis=0)[::-1]  # x, y, z
+    ref = np.argwhere(mask).mean(axis=0)  # z, y, x
     radius = max(diameter_mm / 2.0, 1.0)
     found, others = False, 0
-    for lbl in stats.GetLabels():
-        if stats.GetNumberOfPixels(lbl) < min_voxels:
-            continue
-        c = np.array(stats.GetCentroid(lbl))
+    for c, _ in _components(prob >= threshold, min_voxels):
         if np.linalg.norm((c - ref) * spacing_mm) <= radius:
             found = True
         else:
@@ -444,14 +545,18 @@ def cube_detection_stats(prob: np.ndarray, mask: np.ndarray, diameter_mm: float,
 
 
 def _cube_probability(net, cube_u8: np.ndarray, device: str) -> np.ndarray:
-    """Probabilities ``(z, y, x)`` of a whole 50-voxel cube (uint8), mirror-padded to 64 voxels (divisible by 16)."""
+    """Probabilities ``(z, y, x)`` of a whole cube (uint8, e.g. 50 voxels), mirror-padded by at least 7 voxels to a multiple of 16."""
     import torch
 
-    x = torch.from_numpy(np.pad(cube_u8, 7, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
-    return torch.sigmoid(net(x)).float().cpu().numpy()[0, 0, 7:-7, 7:-7, 7:-7]
+    extra = [-(-(n + 14) // 16) * 16 - n for n in cube_u8.shape]  # 14 for 50 voxels, 16 for 48
+    pads = [(e // 2, e - e // 2) for e in extra]
+    x = torch.from_numpy(np.pad(cube_u8, pads, mode="reflect")[None, None].astype(np.float32) / 255.0).to(device)
+    prob = torch.sigmoid(net(x)).float().cpu().numpy()[0, 0]
+    return prob[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, cube_u8.shape))]
 
 
-def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels: int, limit: int = 200) -> dict:
+def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels: int, limit: int = 200, scans: bool = False) -> dict:
+    """Validation cubes: found, other candidates per cube, stray voxels; with ``scans``, also the false responses in the training scans' lungs."""
     import torch
 
     idx = np.flatnonzero(data.is_val)[:limit]
@@ -463,15 +568,18 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
             f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels)
             found += f
             fps += o
-            far = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(data.masks[i]), [3, 3, 3])) == 0
+            far = ~ndimage.binary_dilation(data.masks[i] > 0, _ball(3))
             fp_voxels += float(((prob >= threshold) & far).mean())
             if data.diameters_mm[i] < 6:
                 small_n += 1
                 small_found += f
+        n = max(1, len(idx))
+        stats = {"val_cubes": int(len(idx)), "sensitivity": found / n, "fp_per_cube": fps / n, "sensitivity_lt6mm": small_found / max(1, small_n), "n_lt6mm": small_n,
+                 "fp_voxel_fraction": fp_voxels / n}
+        if scans:
+            stats["scan_false_responses"] = [len(_scan_false_responses(net, scan, device, threshold, min_voxels)) for scan in data.scans]
     net.train()
-    n = max(1, len(idx))
-    return {"val_cubes": int(len(idx)), "sensitivity": found / n, "fp_per_cube": fps / n, "sensitivity_lt6mm": small_found / max(1, small_n), "n_lt6mm": small_n,
-            "fp_voxel_fraction": fp_voxels / n}
+    return stats
 
 
 def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, min_voxels: int, roi: int = 96) -> None:
@@ -482,7 +590,6 @@ def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, 
     15 mm of anything an LIDC reader marked.
     """
     import torch
-    from monai.inferers import sliding_window_inference
 
     net.eval()
     hard_cube, hard_scan = [], []
@@ -491,17 +598,8 @@ def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, 
             prob = _cube_probability(net, data.cubes[i], device)
             for c in _false_components(prob, threshold, min_voxels, keep_out=data.masks[i] > 0):
                 hard_cube.append([int(i), *c])
-        for s, (vol, lung, pts) in enumerate(data.scans):
-            nz = np.argwhere(lung)
-            lo, hi = nz.min(0), nz.max(0) + 1
-            crop = vol[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-            x = torch.from_numpy(crop[None, None].astype(np.float32) / 255.0)
-            prob = sliding_window_inference(x, (roi,) * 3, 2, lambda t: torch.sigmoid(net(t.to(device))).float().cpu(), overlap=0.25, mode="gaussian")[0, 0].numpy()
-            prob *= lung[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
-            for c in _false_components(prob, threshold, min_voxels):
-                zyx = np.array(c) + lo
-                if len(pts) == 0 or np.min(np.linalg.norm(pts - zyx, axis=1)) > 15:
-                    hard_scan.append([s, *zyx.tolist()])
+        for s, scan in enumerate(data.scans):
+            hard_scan.extend([s, *zyx] for zyx in _scan_false_responses(net, scan, device, threshold, min_voxels, roi))
     net.train()
     data.hard_cube = np.array(hard_cube, np.int32).reshape(-1, 4)
     data.hard_scan = np.array(hard_scan, np.int32).reshape(-1, 4)
@@ -509,19 +607,55 @@ def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, 
     log.info("hard negatives: %d in training cubes, %d in scans", len(hard_cube), len(hard_scan))
 
 
+def _scan_false_responses(net, scan: tuple, device: str, threshold: float, min_voxels: int, roi: int = 96) -> list[list[int]]:
+    """Centres ``[z, y, x]`` where ``net`` fires in a scan's lungs more than 15 mm from anything an LIDC reader marked.
+
+    Args:
+        scan: ``(volume uint8 (z, y, x), lung mask, reader marks (M, 3) zyx voxels)`` as in :class:`TrainingData`.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    vol, lung, pts = scan
+    nz = np.argwhere(lung)
+    lo, hi = nz.min(0), nz.max(0) + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    x = torch.from_numpy(vol[box][None, None].astype(np.float32) / 255.0)
+    with torch.inference_mode():
+        prob = sliding_window_inference(x, (roi,) * 3, 2, lambda t: torch.sigmoid(net(t.to(device))).float().cpu(), overlap=0.25, mode="gaussian")[0, 0].numpy()
+    prob *= lung[box] > 0
+    out = []
+    for c in _false_components(prob, threshold, min_voxels):
+        zyx = np.array(c) + lo
+        if len(pts) == 0 or np.min(np.linalg.norm(pts - zyx, axis=1)) > 15:
+            out.append([int(v) for v in zyx])
+    return out
+
+
 def _false_components(prob: np.ndarray, threshold: float, min_voxels: int, keep_out: np.ndarray | None = None) -> list[list[int]]:
     """Centres ``[z, y, x]`` of components of ``prob >= threshold`` that do not touch ``keep_out``."""
-    lab = sitk.ConnectedComponent(sitk.GetImageFromArray((prob >= threshold).astype(np.uint8)))
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(lab)
-    arr = sitk.GetArrayViewFromImage(lab)
+    return [[int(round(v)) for v in c] for c, voxels in _components(prob >= threshold, min_voxels) if keep_out is None or not keep_out[voxels].any()]
+
+
+def _ball(radius: int) -> np.ndarray:
+    """Ball structuring element of ``radius`` voxels (the same voxels as ITK's flat ball kernel)."""
+    r = np.arange(-radius, radius + 1)
+    z, y, x = np.meshgrid(r, r, r, indexing="ij")
+    return np.sqrt(x * x + y * y + z * z) <= radius + 0.5
+
+
+def _components(binary: np.ndarray, min_voxels: int) -> list[tuple[np.ndarray, tuple]]:
+    """Face-connected components of ``binary`` with at least ``min_voxels`` voxels: ``(centroid (z, y, x) voxels, voxel indices)``."""
+    lab, n = ndimage.label(binary)
     out = []
-    for lbl in stats.GetLabels():
-        if stats.GetNumberOfPixels(lbl) < min_voxels:
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
             continue
-        if keep_out is not None and keep_out[arr == lbl].any():
+        voxels = np.nonzero(lab[sl] == k)
+        if len(voxels[0]) < min_voxels:
             continue
-        out.append([int(round(v)) for v in reversed(stats.GetCentroid(lbl))])
+        voxels = tuple(v + s.start for v, s in zip(voxels, sl))
+        out.append((np.array([v.mean() for v in voxels]), voxels))
     return out
 
 
@@ -557,13 +691,29 @@ def train(
     mine_hard: bool = False,
     mine_threshold: float = 0.3,
     attached_weight: float = 1.0,
+    workers: int = 0,
+    mine_with: str | os.PathLike | None = None,
+    mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3),
+    fp_weight: float = 0.05,
+    scan_fp_weight: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
     Loss: binary cross-entropy with logits + soft Dice (batch-wise). AdamW
     with a cosine learning-rate decay over ``steps`` or ``max_minutes``,
     whichever ends first. Under ``torchrun`` each process trains on its own
-    GPU with DistributedDataParallel; rank 0 validates and saves.
+    GPU with DistributedDataParallel; rank 0 validates and saves. With
+    ``workers`` > 0 that many processes draw the patches (Linux, fork).
+
+    The checkpoint kept is the one with the best validation score: sensitivity
+    on the validation cubes - ``fp_weight`` x other candidates per cube - 5 x
+    stray-voxel fraction - ``scan_fp_weight`` x false responses in the
+    training scans' lungs (counted only when ``scan_fp_weight`` > 0; a
+    training-data figure, so it steers the choice of checkpoint towards
+    quiet full scans but says nothing about unseen scans).
+
+    ``mix``: fractions of (nodule cube crops, pasted nodules in erased cubes,
+    erased cubes alone, full-scan lung patches) in each batch.
 
     Returns:
         The final training record (also stored in the model's JSON).
@@ -586,13 +736,19 @@ def train(
         dev = resolve_device(device)
     spec = spec or ModelSpec()
     torch.manual_seed(seed + rank)
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
     net = build_network(spec).to(dev)
     if init:
         state = torch.load(Path(init).with_suffix(".pt"), map_location="cpu", weights_only=True)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     if mine_hard:
-        mine_hard_negatives(net, data, dev, mine_threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
+        miner = net
+        if mine_with:  # another model's false responses (e.g. the bundled model's, for a network trained afresh)
+            miner = build_network(spec).to(dev)
+            state = torch.load(Path(mine_with).with_suffix(".pt"), map_location="cpu", weights_only=True)
+            miner.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        mine_hard_negatives(miner, data, dev, mine_threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
+        data.meta["hard_negatives"]["model"] = str(mine_with or init)
+        del miner
     if distributed:
         if dev.startswith("cuda"):  # SyncBatchNorm works on GPUs only
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -601,8 +757,11 @@ def train(
     bce = torch.nn.BCEWithLogitsLoss()
     dice = DiceLoss(sigmoid=True, batch=True)
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
-    sampler = PatchSampler(data, patch, seed * 7919 + rank, lung_max, attached_weight=attached_weight, hu_window=spec.hu_window)
+    sampler = PatchSampler(data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window)
     use_amp = dev.startswith("cuda")
+    if use_amp:
+        torch.backends.cudnn.benchmark = True
+    stream = _batch_stream(sampler, batch_size, seed * 1000 + rank, workers, pin_memory=use_amp)
     min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
     t0 = time.time()
     best, best_score, history = None, -1e9, []
@@ -616,10 +775,7 @@ def train(
             frac = min(1.0, max(frac, elapsed / max_minutes))
         for g in opt.param_groups:
             g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        batch = [sampler.sample() for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None].astype(np.float32) / 255.0)
-        y = torch.from_numpy(np.stack([b[1] for b in batch])[:, None].astype(np.float32))
-        x, y = _augment(x, y, gen)
+        x, y = next(stream)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = net(x)
@@ -634,13 +790,13 @@ def train(
             torch.distributed.broadcast(flag, src=0)
             last = bool(flag.item())
         if rank == 0 and (step % val_every == 0 or last):
-            stats = _validate(getattr(net, "module", net), data, dev, spec.threshold, min_voxels)
+            stats = _validate(getattr(net, "module", net), data, dev, spec.threshold, min_voxels, scans=scan_fp_weight > 0)
             stats.update(step=step, minutes=round((time.time() - t0) / 60.0, 2), loss=round(float(loss.item()), 4), lr=opt.param_groups[0]["lr"])
             history.append(stats)
             with open(log_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
             log.info("step %d: %s", step, stats)
-            score = stats["sensitivity"] - 0.05 * stats["fp_per_cube"] - 5.0 * stats["fp_voxel_fraction"]
+            score = stats["sensitivity"] - fp_weight * stats["fp_per_cube"] - 5.0 * stats["fp_voxel_fraction"] - scan_fp_weight * sum(stats.get("scan_false_responses", []))
             if score > best_score:
                 best_score, best = score, dict(stats)
                 spec.training = {
@@ -654,6 +810,10 @@ def train(
                     "optimizer": "AdamW, weight decay 1e-4, cosine decay",
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                    "workers": workers,
+                    "mix": [float(v) for v in mix],
+                    "attached_weight": attached_weight,
+                    "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
                     "init": str(init) if init else None,
                     "init_training": _init_record(init),
                     "best_validation": best,
@@ -661,6 +821,7 @@ def train(
                 save_model(net, spec, out)
         if last:
             break
+    stream.close()  # stops the patch workers
     if rank == 0 and best is not None:
         spec.training["history"] = history
         spec.training["total_minutes"] = round((time.time() - t0) / 60.0, 2)

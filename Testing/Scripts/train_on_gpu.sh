@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Train two candidate models at once on one GPU machine from a data pack, results under $OUT.
+#
+# Made for a machine with PyTorch (CUDA), numpy and scipy but no SimpleITK and no network:
+# training from a pack needs no SimpleITK, and MONAI travels as a wheel in .whl/ when missing.
+# Prepare here (see Resources/Models/MODEL_CARD.md for the command lines actually used):
+#   lungnoduleai pack --data-dir ../shared/data --output .devpack/pack.npz --bits 7 --cube-size 48 --scan-margin 32
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1
+# then run this script there with .devpack and .whl carried.
+#
+# Stage 1 (the default):
+#   a: fine-tune of the bundled model on its own fresh hard negatives;
+#   b: a network trained afresh on the bundled model's hard negatives.
+# Stage 2 (`train_on_gpu.sh 2`, with stage 1's b carried as .devpack/b/lung_nodule_unet.json):
+#   more full-scan patches in each batch (--mix), and the checkpoint chosen with weight on
+#   other candidates per cube and on false responses in the training scan's lungs;
+#   c: fine-tune of stage 1's b on its own hard negatives;
+#   d: the same from the bundled model.
+# Each writes its best checkpoint (by in-training validation) whenever it improves,
+# so a run cut short still leaves a model behind.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+PACK=${PACK:-.devpack/pack.npz}
+MINUTES=${MINUTES:-7}
+WORKERS=${WORKERS:-7}
+BUNDLED=LungNoduleAI/Resources/Models/lung_nodule_unet.json
+mkdir -p "$OUT"
+if ! python3 -c "import monai" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/LungNoduleAI${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, monai, numpy, scipy; print('torch', torch.__version__, 'monai', monai.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
+common=(--pack "$PACK" --device cuda --workers "$WORKERS" --batch-size 32 --max-minutes "$MINUTES" --steps 1000000
+        --seed 0 --mine-hard-negatives --mine-threshold 0.3)
+if [ "${1:-1}" = 2 ]; then
+    stage2=(--val-every 500 --attached-weight 1.0 --mix 0.2,0.15,0.15,0.5 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
+    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage2[@]}" --output "$OUT/c/lung_nodule_unet.json" --init .devpack/b/lung_nodule_unet.json >"$OUT/c.log" 2>&1 &
+    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage2[@]}" --output "$OUT/d/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/d.log" 2>&1 &
+else
+    stage1=(--val-every 400 --attached-weight 2.5)
+    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage1[@]}" --output "$OUT/a/lung_nodule_unet.json" --init "$BUNDLED" --lr 3e-4 >"$OUT/a.log" 2>&1 &
+    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage1[@]}" --output "$OUT/b/lung_nodule_unet.json" --mine-with "$BUNDLED" --lr 1e-3 >"$OUT/b.log" 2>&1 &
+fi
+wait
+tail -n 2 "$OUT"/*.log
