@@ -126,6 +126,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda _path: self.onModelPathChanged())
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", lambda _value: self._rethresholdTimer.start())
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda _node: self.updateCandidatesTable())
         self.ui.showProbabilityCheckBox.connect("toggled(bool)", lambda _checked: self.updateOverlay())
@@ -171,7 +172,11 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         parameterLogic = ScriptedLoadableModuleLogic()
         parameterLogic.moduleName = "LungNoduleAI"  # the singleton parameter node of this module
-        self.setParameterNode(LungNoduleAIParameterNode(parameterLogic.getParameterNode()))
+        node = parameterLogic.getParameterNode()
+        fresh = not node.GetParameter("threshold")  # a new scene: start at the model's own threshold
+        self.setParameterNode(LungNoduleAIParameterNode(node))
+        if fresh:
+            self.onModelPathChanged()
         if not self._parameterNode.inputVolume:
             volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             volumes = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode") and not v.GetAttribute("LungNoduleAI.Output")]
@@ -187,6 +192,13 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
             self._checkCanDetect()
+
+    def onModelPathChanged(self) -> None:
+        """Set the threshold to the one the chosen (or bundled) model was validated at."""
+        path = self.ui.modelPathLineEdit.currentPath or None
+        if self._parameterNode and (path is None or os.path.isfile(path)):
+            with slicer.util.tryWithErrorDisplay(_("Could not read the model's threshold."), waitCursor=False):
+                self._parameterNode.threshold = self.logic.defaultThreshold(path)
 
     def _checkCanDetect(self, caller=None, event=None) -> None:
         running = self._process is not None

@@ -359,3 +359,17 @@ def test_dicom_export_refusals(scene, detector, tmp_path, sample_dicom):
         logic.exportReviewed(seg, volume, str(tmp_path / "c"), formats=("dcm-seg",), dicomSource=str(shared("dicom", "ct-64")))
     with pytest.raises(ValueError, match="Unknown DICOM segmentation type"):
         logic.exportReviewed(seg, volume, str(tmp_path / "d"), formats=("dcm-seg",), dicomSource=str(folder), segmentationType="soft")
+
+
+def test_default_threshold_is_the_models_own(scene, tmp_path):
+    """The GUI starts at the threshold the chosen model was validated at, not at a fixed 0.5."""
+    from LungNoduleAILib.model import ModelSpec, default_model_path
+
+    logic = LungNoduleAILogic(scene)
+    assert logic.defaultThreshold() == ModelSpec.from_json(default_model_path()).threshold != 0.5
+    spec = ModelSpec(threshold=0.42)
+    spec.to_json(tmp_path / "other.json")
+    assert logic.defaultThreshold(str(tmp_path / "other.json")) == 0.42
+    assert LungNoduleAILogic(scene, modelPath=str(tmp_path / "other.json")).defaultThreshold() == 0.42
+    with pytest.raises(ValueError, match="missing.json' not found"):
+        logic.defaultThreshold(str(tmp_path / "missing.json"))

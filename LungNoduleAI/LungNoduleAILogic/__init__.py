@@ -529,11 +529,25 @@ class LungNoduleAILogic:
         self.updateTable(segmentationNode)
         return newIds
 
-    def _modelSpec(self):
+    def _modelSpec(self, modelPath: str | None = None):
         from LungNoduleAILib.model import ModelSpec, default_model_path
 
-        path = Path(self.modelPath) if self.modelPath else default_model_path()
+        path = Path(modelPath or self.modelPath or default_model_path())
         return ModelSpec.from_json(path) if path.exists() else None
+
+    def defaultThreshold(self, modelPath: str | None = None) -> float:
+        """The probability threshold a model was validated at (its metadata JSON), for the GUI's initial setting.
+
+        Args:
+            modelPath: model metadata JSON; default: this logic's model (the bundled one unless set).
+
+        Raises:
+            ValueError: ``modelPath`` does not exist.
+        """
+        if modelPath and not Path(modelPath).exists():
+            raise ValueError(f"Model metadata '{modelPath}' not found: choose a model's .json file.")
+        spec = self._modelSpec(modelPath)
+        return float(spec.threshold) if spec else 0.5
 
     # ------------------------------------------------------------------ export
 
