@@ -47,6 +47,16 @@ def main() -> None:
         "- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn twice as often; with --attached-weight, real nodules that touch the pleura or a vessel (`LungNoduleAILib.train.nodule_context`) drawn that many times as often.",
         "- Negatives: training cubes with their nodule erased, and lung patches of the full scan(s) named in the data (half centred on dense tissue inside the lung), kept 12+ mm away from anything an LIDC reader marked; with --mine-hard-negatives, patches centred where the starting model fired wrongly.",
         "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
+    ]
+    if t.get("mix"):
+        lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; patches drawn by {t.get('workers', 0)} worker processes.")
+    if t.get("selection"):
+        sel = t["selection"]
+        lines.append(
+            f"- Checkpoint kept: best validation score = sensitivity - {sel['fp_weight']} x other candidates per cube - 5 x stray-voxel fraction"
+            + (f" - {sel['scan_fp_weight']} x false responses in the training scans' lungs" if sel.get("scan_fp_weight") else "") + f", at p >= {sel['threshold']}."
+        )
+    lines += [
         f"- Validation split by series (seed {t.get('data', {}).get('split_seed')}): best in-training validation {json.dumps(best)}.",
         "",
         "## Evaluation (Testing/Scripts/evaluate_model.py)",
