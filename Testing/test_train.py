@@ -20,6 +20,29 @@ def few_cubes():
     return prepare_training_data(data_dir, ModelSpec(), scan_names=(), max_cubes=24, seed=1)
 
 
+@pytest.fixture(scope="module")
+def synthetic_cubes():
+    """Twelve CT-like 50-voxel cubes (noisy lung, a vessel, a soft-tissue nodule of 3-6 mm radius at the centre) from six series: runs without the shared data."""
+    from LungNoduleAILib.intensity import scale_intensity_uint8
+    from LungNoduleAILib.train import TrainingData, nodule_context, validation_series
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.indices((50, 50, 50))
+    cubes, masks, contexts = [], [], []
+    for n in range(12):
+        hu = rng.normal(-850.0, 40.0, (50, 50, 50))
+        hu[(yy - 10 - n) ** 2 + (xx - 30) ** 2 <= 4] = 40.0  # a vessel along z
+        radius = 3 + n % 4
+        sphere = (zz - 25) ** 2 + (yy - 25) ** 2 + (xx - 25) ** 2 <= radius**2
+        hu[sphere] = rng.normal(30.0, 20.0, int(sphere.sum()))
+        cubes.append(scale_intensity_uint8(hu, (-1000.0, 400.0)))
+        masks.append(sphere.astype(np.uint8))
+        contexts.append(nodule_context(hu, sphere))
+    series = np.array([f"1.2.3.{n // 2}" for n in range(12)])
+    val = validation_series(series, 0.3, 0)
+    return TrainingData(np.stack(cubes), np.stack(masks), np.array([2.0 * (3 + n % 4) for n in range(12)]), series, np.array([s in val for s in series]), [], {"cubes": 12}, contexts=np.array(contexts, "U20"))
+
+
 def test_split_is_by_series(few_cubes):
     train_series = set(few_cubes.series[~few_cubes.is_val])
     val_series = set(few_cubes.series[few_cubes.is_val])
@@ -45,7 +68,7 @@ def test_pack_round_trip(tmp_path, few_cubes):
     assert back.meta == dict(few_cubes.meta, pack={"bits": 8, "cube_size": 50, "scan_margin": None})
 
 
-def test_small_pack_keeps_what_training_needs(tmp_path, few_cubes):
+def test_small_pack_keeps_what_training_needs(tmp_path, synthetic_cubes):
     """Fewer bits, cropped cubes and a scan cropped to its lungs: smaller, and the same data within a quantisation step."""
     from LungNoduleAILib.train import TrainingData
 
@@ -54,16 +77,16 @@ def test_small_pack_keeps_what_training_needs(tmp_path, few_cubes):
     lung = np.zeros_like(scan)
     lung[30:50, 20:60, 40:70] = 1
     marks = np.array([[40.0, 30.0, 50.0]], np.float32)
-    data = TrainingData(few_cubes.cubes, few_cubes.masks, few_cubes.diameters_mm, few_cubes.series, few_cubes.is_val, [(scan, lung, marks)], dict(few_cubes.meta), contexts=few_cubes.contexts)
+    data = TrainingData(synthetic_cubes.cubes, synthetic_cubes.masks, synthetic_cubes.diameters_mm, synthetic_cubes.series, synthetic_cubes.is_val, [(scan, lung, marks)], dict(synthetic_cubes.meta), contexts=synthetic_cubes.contexts)
     save_pack(data, tmp_path / "full.npz")
     save_pack(data, tmp_path / "small.npz", bits=6, cube_size=48, scan_margin=10)
     assert (tmp_path / "small.npz").stat().st_size < 0.8 * (tmp_path / "full.npz").stat().st_size
     back = load_pack(tmp_path / "small.npz")
-    assert back.cubes.shape == (24, 48, 48, 48) and back.cubes.dtype == np.uint8
-    diff = back.cubes.astype(int) - few_cubes.cubes[:, 1:49, 1:49, 1:49]
+    assert back.cubes.shape == (12, 48, 48, 48) and back.cubes.dtype == np.uint8
+    diff = back.cubes.astype(int) - synthetic_cubes.cubes[:, 1:49, 1:49, 1:49]
     assert diff.min() >= -3 and diff.max() <= 3 and abs(diff.mean()) < 0.5  # 6 bits: 4 levels a step, dithered
-    np.testing.assert_array_equal(back.masks, few_cubes.masks[:, 1:49, 1:49, 1:49])
-    assert back.masks.sum() > 0.95 * few_cubes.masks.sum()  # the nodules stay in the crop
+    np.testing.assert_array_equal(back.masks, synthetic_cubes.masks[:, 1:49, 1:49, 1:49])
+    assert back.masks.sum() > 0.95 * synthetic_cubes.masks.sum()  # the nodules stay in the crop
     vol, lng, pts = back.scans[0]
     assert vol.shape == lng.shape == (40, 60, 50)  # lung box (20, 40, 30) + 10 voxels each side
     assert lng.sum() == lung.sum()
@@ -155,15 +178,15 @@ def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
     load_model(tmp_path / "ddp.json", "cpu")
 
 
-def test_training_from_a_pack_needs_no_simpleitk_and_feeds_from_workers(tmp_path, few_cubes):
+def test_training_from_a_pack_needs_no_simpleitk_and_feeds_from_workers(tmp_path, synthetic_cubes):
     """As on a GPU machine without SimpleITK: a pack, patches drawn by worker processes, hard negatives mined by another model."""
     import os
     import subprocess
     import sys
 
     spec = ModelSpec(architecture=TINY)
-    train(few_cubes, tmp_path / "miner.json", spec, steps=1, batch_size=2, patch=32, val_every=1, device="cpu")
-    save_pack(few_cubes, tmp_path / "pack.npz", bits=7, cube_size=48)
+    train(synthetic_cubes, tmp_path / "miner.json", spec, steps=1, batch_size=2, patch=32, val_every=1, device="cpu")
+    save_pack(synthetic_cubes, tmp_path / "pack.npz", bits=7, cube_size=48)
     code = (
         "import sys; sys.modules['SimpleITK'] = None\n"  # any import of SimpleITK now fails
         "from LungNoduleAILib.model import ModelSpec\n"
@@ -175,7 +198,7 @@ def test_training_from_a_pack_needs_no_simpleitk_and_feeds_from_workers(tmp_path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"hard {tmp_path / 'miner.json'} 2" in proc.stdout
-    assert load_model(tmp_path / "w.json", "cpu").spec.training["best_validation"]["val_cubes"] == int(few_cubes.is_val.sum())
+    assert load_model(tmp_path / "w.json", "cpu").spec.training["best_validation"]["val_cubes"] == int(synthetic_cubes.is_val.sum())
 
 
 def test_scan_false_responses_skip_reader_marks():
