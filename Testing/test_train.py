@@ -58,6 +58,19 @@ def test_sampler_patches_contain_pasted_and_real_nodules(few_cubes):
     assert all(set(np.unique(l)) <= {0, 1} for _, l in patches)
 
 
+def test_faint_pasting_lowers_nodule_contrast(synthetic_cubes):
+    """--faint-fraction: pasted nodules keep 35-70 % of their contrast over the lung they are pasted into."""
+
+    def contrast(faint: float) -> float:
+        sampler = PatchSampler(synthetic_cubes, 48, seed=3, lung_max_u8=91, mix=(0, 1, 0, 0), faint_fraction=faint)
+        values = [float(v[lab > 0].mean()) for v, lab in (sampler.sample() for _ in range(30)) if lab.sum() > 20]
+        assert len(values) > 10
+        return float(np.mean(values)) - 27.0  # lung background is about -850 HU = 27 of 255
+
+    full, faint = contrast(0.0), contrast(1.0)
+    assert full > 100 and 0.3 * full < faint < 0.75 * full
+
+
 def test_pack_round_trip(tmp_path, few_cubes):
     save_pack(few_cubes, tmp_path / "pack.npz")
     back = load_pack(tmp_path / "pack.npz")

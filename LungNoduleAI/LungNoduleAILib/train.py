@@ -300,7 +300,7 @@ class PatchSampler:
 
     def __init__(
         self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
-        hu_window: Sequence[float] = (-1000.0, 400.0),
+        hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -320,6 +320,7 @@ class PatchSampler:
             log.info("%d of %d training nodules touch the pleura or a vessel; drawn %.1fx as often.", int(attached.sum()), len(attached), attached_weight)
         self.nodule_p = w / w.sum()
         self.lung_max_u8 = lung_max_u8
+        self.faint_fraction = faint_fraction  # pasted nodules made faint (35-70 % of their contrast), like ground-glass nodules
         self.mix = np.array(mix) / np.sum(mix)
         self.scans = data.scans
         self.air = 0
@@ -400,7 +401,8 @@ class PatchSampler:
         s = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
         bg = vol[d].astype(np.float32)
         fg = np.maximum(img[s].astype(np.float32), bg)
-        vol[d] = np.clip(bg + blend[s] * (fg - bg), 0, 255).astype(np.uint8)
+        alpha = self.rng.uniform(0.35, 0.7) if self.rng.random() < self.faint_fraction else 1.0
+        vol[d] = np.clip(bg + alpha * blend[s] * (fg - bg), 0, 255).astype(np.uint8)
         lab[d] = np.maximum(lab[d], m[s])
 
     def _hard_cube_patch(self) -> tuple[np.ndarray, np.ndarray]:
@@ -696,6 +698,7 @@ def train(
     mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3),
     fp_weight: float = 0.05,
     scan_fp_weight: float = 0.0,
+    faint_fraction: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -757,7 +760,7 @@ def train(
     bce = torch.nn.BCEWithLogitsLoss()
     dice = DiceLoss(sigmoid=True, batch=True)
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
-    sampler = PatchSampler(data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window)
+    sampler = PatchSampler(data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction)
     use_amp = dev.startswith("cuda")
     if use_amp:
         torch.backends.cudnn.benchmark = True
@@ -813,6 +816,7 @@ def train(
                     "workers": workers,
                     "mix": [float(v) for v in mix],
                     "attached_weight": attached_weight,
+                    "faint_fraction": faint_fraction,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
                     "init": str(init) if init else None,
                     "init_training": _init_record(init),
