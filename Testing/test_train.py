@@ -239,6 +239,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--mix", "0.5,0.5"]) == 2
     assert "--mix needs 4 non-negative fractions" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+    assert main(["pack", "--data-dir", str(tmp_path), "--output", str(tmp_path / "p.npz"), "--bits", "9"]) == 2
+    assert "--bits must be 1..8" in capsys.readouterr().err
+    assert not (tmp_path / "p.npz").exists()
 
 
 def test_nodule_context_tells_pleural_vascular_and_isolated_apart():

@@ -107,7 +107,7 @@ def _add_pack(sub) -> None:
     p.add_argument("--output", required=True, help=".npz path")
     p.add_argument("--scans", default="LIDC-IDRI-0002")
     p.add_argument("--seed", type=int, default=0, help="validation split seed")
-    p.add_argument("--bits", type=int, default=8, help="intensity bits kept (8 = lossless; 7 makes a pack about a sixth smaller; default: %(default)s)")
+    p.add_argument("--bits", type=int, default=8, help="intensity bits kept, 1-8 (8 = lossless; CT noise fills the low bits, so 6 or 7 make a pack much smaller; default: %(default)s)")
     p.add_argument("--cube-size", type=int, default=None, help="crop the 50-voxel nodule cubes centrally to this size (>= the training patch)")
     p.add_argument("--scan-margin", type=int, default=None, help="crop scans to the lungs' bounding box plus this many voxels (>= half the training patch)")
 
@@ -356,6 +356,9 @@ def _run_pack(args) -> int:
     from .model import ModelSpec
     from .train import prepare_training_data, save_pack
 
+    if not 1 <= args.bits <= 8:
+        print(f"error: --bits must be 1..8 (8 = lossless), got {args.bits}", file=sys.stderr)
+        return 2
     data = prepare_training_data(args.data_dir, ModelSpec(), [s for s in args.scans.split(",") if s], seed=args.seed)
     save_pack(data, args.output, bits=args.bits, cube_size=args.cube_size, scan_margin=args.scan_margin)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.1f} MB): {data.meta}")
