@@ -329,8 +329,9 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ModelSpec()
-    if args.init and Path(args.init).with_suffix(".json").exists():
-        spec.threshold = ModelSpec.from_json(Path(args.init).with_suffix(".json")).threshold  # a fine-tune validates at its model's threshold
+    init_json = Path(args.init).with_suffix(".json") if args.init else None
+    if init_json and init_json.exists():
+        spec.threshold = ModelSpec.from_json(init_json).threshold  # a fine-tune validates at its model's threshold
     try:
         mix = [float(v) for v in args.mix.split(",")]
     except ValueError:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "LoadedModel", "build_network", "load_model", "save_model", "default_model_path", "file_sha256"]
+__all__ = ["ModelSpec", "LoadedModel", "build_network", "read_weights", "load_model", "save_model", "default_model_path", "file_sha256"]
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 DEFAULT_MODEL_NAME = "lung_nodule_unet.json"
@@ -133,14 +133,20 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def read_weights(path: str | os.PathLike) -> dict:
+    """A saved state_dict with its floating-point tensors as float32 (weights are stored as float16)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> LoadedModel:
     """Load a model from its metadata JSON (or a weights file with a JSON beside it).
 
     Raises:
         ValueError: the files are missing or do not match the architecture.
     """
-    import torch
-
     p = Path(path) if path else default_model_path()
     if p.suffix != ".json":
         p = p.with_suffix(".json")
@@ -152,8 +158,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> L
         raise ValueError(f"Model weights '{weights}' (named in '{p}') not found.")
     dev = resolve_device(device)
     net = build_network(spec)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = read_weights(weights)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .model import ModelSpec, build_network, save_model
+from .model import ModelSpec, build_network, read_weights, save_model
 from .intensity import scale_intensity_uint8
 
 __all__ = ["mine_hard_negatives", "validation_series", "TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
@@ -741,15 +741,14 @@ def train(
     torch.manual_seed(seed + rank)
     net = build_network(spec).to(dev)
     if init:
-        state = torch.load(Path(init).with_suffix(".pt"), map_location="cpu", weights_only=True)
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        net.load_state_dict(read_weights(Path(init).with_suffix(".pt")))
+    min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
     if mine_hard:
         miner = net
         if mine_with:  # another model's false responses (e.g. the bundled model's, for a network trained afresh)
             miner = build_network(spec).to(dev)
-            state = torch.load(Path(mine_with).with_suffix(".pt"), map_location="cpu", weights_only=True)
-            miner.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        mine_hard_negatives(miner, data, dev, mine_threshold, max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm))))))
+            miner.load_state_dict(read_weights(Path(mine_with).with_suffix(".pt")))
+        mine_hard_negatives(miner, data, dev, mine_threshold, min_voxels)
         data.meta["hard_negatives"]["model"] = str(mine_with or init)
         del miner
     if distributed:
@@ -765,7 +764,6 @@ def train(
     if use_amp:
         torch.backends.cudnn.benchmark = True
     stream = _batch_stream(sampler, batch_size, seed * 1000 + rank, workers, pin_memory=use_amp)
-    min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
     t0 = time.time()
     best, best_score, history = None, -1e9, []
     out = Path(output)
