@@ -71,6 +71,39 @@ def test_faint_pasting_lowers_nodule_contrast(synthetic_cubes):
     assert full > 100 and 0.3 * full < faint < 0.75 * full
 
 
+def test_small_nodules_are_drawn_small_weight_times_as_often(synthetic_cubes):
+    import dataclasses
+
+    data = dataclasses.replace(synthetic_cubes, diameters_mm=np.where(np.arange(12) % 2 == 0, 4.0, 8.0))  # every other nodule under 6 mm
+    train_d = data.diameters_mm[~data.is_val]
+    for weight in (1.0, 4.0):
+        p = PatchSampler(data, 48, seed=0, lung_max_u8=91, small_weight=weight).nodule_p
+        np.testing.assert_allclose(p[train_d < 6] / p[train_d >= 6].max(), weight)
+
+
+def test_ema_keeps_the_average_of_the_weights(tmp_path, synthetic_cubes):
+    """--ema: what is saved is the moving average, which starts at the initial weights; with a decay near 1 it stays there."""
+    from LungNoduleAILib.model import read_weights
+
+    common = dict(batch_size=2, patch=32, device="cpu", lr=1e-2, seed=5)
+    train(synthetic_cubes, tmp_path / "init.json", ModelSpec(architecture=TINY), steps=1, val_every=1, **common)
+    init = str(tmp_path / "init.json")
+
+    def saved(name, steps, ema):
+        train(synthetic_cubes, tmp_path / f"{name}.json", ModelSpec(architecture=TINY), steps=steps, val_every=steps, init=init, ema=ema, **common)
+        return read_weights(tmp_path / f"{name}.pt")
+
+    start, raw, averaged = read_weights(tmp_path / "init.pt"), saved("raw", 6, 0.0), saved("ema", 6, 0.9999)
+
+    def distance(a, b):
+        return sum(float((a[k] - b[k]).abs().sum()) for k in a if a[k].is_floating_point() and "running" not in k)
+
+    assert distance(raw, start) > 0
+    assert distance(averaged, start) < 0.01 * distance(raw, start)
+    assert distance(saved("ema_fast", 6, 0.5), start) > 0.1 * distance(raw, start)
+    assert json.loads((tmp_path / "ema.json").read_text())["training"]["ema"] == 0.9999
+
+
 def test_pack_round_trip(tmp_path, few_cubes):
     save_pack(few_cubes, tmp_path / "pack.npz")
     back = load_pack(tmp_path / "pack.npz")
@@ -242,6 +275,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert main(["pack", "--data-dir", str(tmp_path), "--output", str(tmp_path / "p.npz"), "--bits", "9"]) == 2
     assert "--bits must be 1..8" in capsys.readouterr().err
     assert not (tmp_path / "p.npz").exists()
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--ema", "1.5"]) == 2
+    assert "--ema is a decay per step in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_nodule_context_tells_pleural_vascular_and_isolated_apart():

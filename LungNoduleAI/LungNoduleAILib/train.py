@@ -300,7 +300,7 @@ class PatchSampler:
 
     def __init__(
         self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
-        hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0,
+        hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -308,7 +308,7 @@ class PatchSampler:
         self.cubes = data.cubes[idx]
         self.masks = data.masks[idx]
         d = data.diameters_mm[idx]
-        w = np.where(d < 6, 2.0, 1.0)  # oversample small nodules
+        w = np.where(d < 6, small_weight, 1.0)  # oversample nodules under 6 mm
         if attached_weight != 1.0:  # and nodules against the pleura or a vessel
             if len(data.contexts) == len(data.cubes):
                 contexts = np.asarray(data.contexts)[idx]
@@ -699,6 +699,8 @@ def train(
     fp_weight: float = 0.05,
     scan_fp_weight: float = 0.0,
     faint_fraction: float = 0.0,
+    small_weight: float = 2.0,
+    ema: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -717,6 +719,11 @@ def train(
 
     ``mix``: fractions of (nodule cube crops, pasted nodules in erased cubes,
     erased cubes alone, full-scan lung patches) in each batch.
+    ``small_weight``: nodules under 6 mm are drawn (and pasted) this many times as often.
+    ``ema``: when > 0, an exponential moving average of the weights (and of
+    the batch-norm statistics) with this decay per step, starting at the
+    initial weights, is what is validated and saved; it smooths the
+    step-to-step swings of a short fine-tune.
 
     Returns:
         The final training record (also stored in the model's JSON).
@@ -759,7 +766,15 @@ def train(
     bce = torch.nn.BCEWithLogitsLoss()
     dice = DiceLoss(sigmoid=True, batch=True)
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
-    sampler = PatchSampler(data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction)
+    sampler = PatchSampler(
+        data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction, small_weight=small_weight
+    )
+    averaged = None
+    if ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(getattr(net, "module", net), multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
+        averaged.update_parameters(getattr(net, "module", net))  # the average starts at the initial (e.g. --init) weights
     use_amp = dev.startswith("cuda")
     if use_amp:
         torch.backends.cudnn.benchmark = True
@@ -785,13 +800,16 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(getattr(net, "module", net))
         last = step == steps or (max_minutes is not None and (time.time() - t0) / 60.0 >= max_minutes)
         if distributed:  # every rank stops at the same step (rank 0's clock decides)
             flag = torch.tensor([1.0 if last else 0.0], device=dev)
             torch.distributed.broadcast(flag, src=0)
             last = bool(flag.item())
         if rank == 0 and (step % val_every == 0 or last):
-            stats = _validate(getattr(net, "module", net), data, dev, spec.threshold, min_voxels, scans=scan_fp_weight > 0)
+            kept = averaged.module if averaged is not None else getattr(net, "module", net)
+            stats = _validate(kept, data, dev, spec.threshold, min_voxels, scans=scan_fp_weight > 0)
             stats.update(step=step, minutes=round((time.time() - t0) / 60.0, 2), loss=round(float(loss.item()), 4), lr=opt.param_groups[0]["lr"])
             history.append(stats)
             with open(log_path, "a") as f:
@@ -815,12 +833,14 @@ def train(
                     "mix": [float(v) for v in mix],
                     "attached_weight": attached_weight,
                     "faint_fraction": faint_fraction,
+                    "small_weight": small_weight,
+                    "ema": ema,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
                     "init": str(init) if init else None,
                     "init_training": _init_record(init),
                     "best_validation": best,
                 }
-                save_model(net, spec, out)
+                save_model(kept, spec, out)
         if last:
             break
     stream.close()  # stops the patch workers

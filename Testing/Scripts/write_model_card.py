@@ -44,12 +44,13 @@ def main() -> None:
         f"- Started from: `{t.get('init')}`" if t.get("init") else "- Started from: random initialisation",
         f"- Seed {t.get('seed')}, device {t.get('device')}, world size {t.get('world_size', 1)}, {t.get('total_minutes', '?')} minutes, patch {t.get('patch')}³, batch {t.get('batch_size')}, lr {t.get('lr')} ({t.get('optimizer')}), loss {t.get('loss')}.",
         f"- Data: {json.dumps(t.get('data', {}))}.",
-        "- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn twice as often; with --attached-weight, real nodules that touch the pleura or a vessel (`LungNoduleAILib.train.nodule_context`) drawn that many times as often.",
+        f"- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn {t.get('small_weight', 2.0):g} times as often; with --attached-weight, real nodules that touch the pleura or a vessel (`LungNoduleAILib.train.nodule_context`) drawn that many times as often.",
         "- Negatives: training cubes with their nodule erased, and lung patches of the full scan(s) named in the data (half centred on dense tissue inside the lung), kept 12+ mm away from anything an LIDC reader marked; with --mine-hard-negatives, patches centred where the starting model fired wrongly.",
         "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
     ]
     if t.get("mix"):
-        lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; patches drawn by {t.get('workers', 0)} worker processes.")
+        lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; faint pasted nodules {t.get('faint_fraction', 0.0)}; patches drawn by {t.get('workers', 0)} worker processes."
+                     + (f" Weights kept as an exponential moving average (decay {t['ema']} per step)." if t.get("ema") else ""))
     if t.get("selection"):
         sel = t["selection"]
         lines.append(
