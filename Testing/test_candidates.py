@@ -72,6 +72,27 @@ def test_min_volume_threshold_and_limits():
         extract_candidates(prob, ct, 1.5)
 
 
+def test_segment_threshold_draws_the_candidate_at_its_own_extent():
+    """Candidates are decided at the threshold, their voxels are their region of p >= segment_threshold."""
+    a, b = ((40, 40, 30), 5.0, 0.99), ((110, 60, 50), 5.0, 0.9)  # b never reaches 0.97
+    prob, ct = _spheres([a, b])
+    _, core = extract_candidates(prob, ct, 0.97)
+    _, drawn = extract_candidates(prob, ct, 0.97, segment_threshold=0.5)
+    assert len(core) == len(drawn) == 1 and drawn[0].probability == pytest.approx(core[0].probability)
+    ball = 4.0 / 3.0 * math.pi * (0.99 * 5.0) ** 3  # p >= 0.5 within 0.99 of the radius
+    assert core[0].volume_mm3 < 0.1 * ball and abs(drawn[0].volume_mm3 - ball) < 0.25 * ball
+    np.testing.assert_allclose(drawn[0].center_ijk, a[0], atol=0.05)
+    _, same = extract_candidates(prob, ct, 0.97, segment_threshold=0.99)  # not below the threshold: the core
+    assert [c.volume_mm3 for c in same] == [core[0].volume_mm3]
+    # the minimum volume applies to the core: a big region around a tiny core is no candidate
+    assert extract_candidates(prob, ct, 0.97, min_volume_mm3=20.0, segment_threshold=0.5)[1] == []
+    # two cores in one region make one candidate with the higher probability
+    prob2, ct2 = _spheres([a, ((52, 40, 30), 5.0, 0.98)])
+    labelmap, merged = extract_candidates(prob2, ct2, 0.97, segment_threshold=0.5)
+    assert len(extract_candidates(prob2, ct2, 0.97)[1]) == 2 and len(merged) == 1
+    assert merged[0].probability == pytest.approx(0.99, abs=1e-3) and labelmap[(46, 40, 30)] == 1
+
+
 def test_longest_axial_diameter_of_a_rectangle():
     mask = np.zeros((3, 20, 30), bool)
     mask[1, 5:9, 3:23] = True  # 20 x 4 voxels at 0.5 x 1.0 mm -> diagonal of 10 mm x 4 mm

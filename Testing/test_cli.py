@@ -41,6 +41,21 @@ def test_demo_finds_the_sample_nodule_first(sample_run):
     lab = sitk.ReadImage(str(out / "LIDC-IDRI-0001_sample_candidates.nrrd"))
     idx = lab.TransformPhysicalPointToIndex(LIDC0001_NODULE_LPS)
     assert lab[idx] == 1
+    # ... and is drawn to the nodule's extent: its connected region of p >= the model's segment threshold (0.5),
+    # read back from the uint8 probability map (p x 255, rounded: one step of slack at the boundary)
+    from scipy import ndimage
+
+    from LungNoduleAILib.model import ModelSpec, default_model_path
+    from LungNoduleAILib.writers import PROBABILITY_SCALE
+
+    segment_u8 = ModelSpec.from_json(default_model_path()).segment_threshold / PROBABILITY_SCALE
+    prob_u8 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "LIDC-IDRI-0001_sample_probability.nrrd"))).astype(float)
+    label1 = sitk.GetArrayFromImage(lab) == 1
+    zyx = tuple(reversed(idx))
+    inner, _ = ndimage.label(prob_u8 >= segment_u8 + 1, np.ones((3, 3, 3)))
+    outer, _ = ndimage.label(prob_u8 >= segment_u8 - 1, np.ones((3, 3, 3)))
+    assert np.all(label1[inner == inner[zyx]]) and np.all((outer == outer[zyx])[label1])
+    assert label1.sum() > 1.2 * (prob_u8[label1] * PROBABILITY_SCALE >= report["threshold"]).sum()  # well beyond the voxels above the detection threshold
 
 
 def test_batch_with_a_bad_input_processes_the_others(tmp_path):

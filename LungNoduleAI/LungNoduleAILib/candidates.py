@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -89,7 +89,11 @@ def longest_axial_diameter_mm(mask_zyx: np.ndarray, spacing_xy_mm: Sequence[floa
 
 
 def measure_candidates(
-    labelmap: sitk.Image, ct_hu: sitk.Image, probability: sitk.Image | None = None, keep: Callable[[int, float], bool] | None = None
+    labelmap: sitk.Image,
+    ct_hu: sitk.Image,
+    probability: sitk.Image | None = None,
+    keep: Callable[[int, float], bool] | None = None,
+    labels: Collection[int] | None = None,
 ) -> list[Candidate]:
     """Measure every label of ``labelmap`` (on the CT grid).
 
@@ -100,6 +104,7 @@ def measure_candidates(
             it the probabilities are reported as 0).
         keep: ``keep(voxels, volume_mm3)``; labels it rejects are not measured
             (the per-slice diameter is the costly part).
+        labels: measure only these labels (``None``: all).
 
     Returns:
         Candidates in label order (``id`` = label, ``rank`` = label).
@@ -117,6 +122,8 @@ def measure_candidates(
     lab_arr = sitk.GetArrayViewFromImage(lab)
     out = []
     for lbl in shape.GetLabels():
+        if labels is not None and lbl not in labels:
+            continue
         n = int(shape.GetNumberOfPixels(lbl))
         if keep is not None and not keep(n, n * voxel_mm3):
             continue
@@ -150,15 +157,23 @@ def extract_candidates(
     threshold: float,
     min_volume_mm3: float = 0.0,
     max_candidates: int = 200,
+    segment_threshold: float | None = None,
 ) -> tuple[sitk.Image, list[Candidate]]:
     """Threshold, split into 3-D connected components and rank them.
 
     Args:
         probability: float probabilities (0-1) on the CT grid.
         ct_hu: CT in HU (for mean HU and geometry).
-        threshold: probability threshold (0-1).
-        min_volume_mm3: components smaller than this are dropped.
+        threshold: probability threshold (0-1): a candidate is a connected
+            component of ``p >= threshold`` of at least ``min_volume_mm3``.
+        min_volume_mm3: components (of ``p >= threshold``) smaller than this are dropped.
         max_candidates: keep at most this many (the most probable).
+        segment_threshold: when given and lower than ``threshold``, each
+            candidate's voxels (and so its measurements and centre) are its
+            connected region of ``p >= segment_threshold``, the nodule's extent
+            as the network draws it, rather than the core above ``threshold``.
+            Which candidates exist is still decided at ``threshold``; a region
+            holding several cores is one candidate.
 
     Returns:
         ``(labelmap, candidates)``: uint16 labelmap on the CT grid with label
@@ -167,9 +182,23 @@ def extract_candidates(
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
-    binary = sitk.BinaryThreshold(probability, float(threshold), 1e9, 1, 0)
-    components = sitk.ConnectedComponent(binary, True)
-    raw = measure_candidates(components, ct_hu, probability, keep=lambda voxels, volume: volume >= min_volume_mm3)
+    components = sitk.ConnectedComponent(sitk.BinaryThreshold(probability, float(threshold), 1e9, 1, 0), True)
+    if segment_threshold is not None and segment_threshold < threshold:
+        shape = sitk.LabelShapeStatisticsImageFilter()
+        shape.Execute(components)
+        voxel_mm3 = float(np.prod(probability.GetSpacing()))
+        regions = sitk.ConnectedComponent(sitk.BinaryThreshold(probability, float(segment_threshold), 1e9, 1, 0), True)
+        core_arr, region_arr = sitk.GetArrayViewFromImage(components), sitk.GetArrayViewFromImage(regions)
+        kept = set()  # the regions that hold a core of at least min_volume_mm3
+        for lbl in shape.GetLabels():
+            if shape.GetNumberOfPixels(lbl) * voxel_mm3 >= min_volume_mm3:
+                x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
+                box = (slice(z0, z0 + sz), slice(y0, y0 + sy), slice(x0, x0 + sx))
+                kept.add(int(region_arr[box][core_arr[box] == lbl][0]))
+        components = regions
+        raw = measure_candidates(regions, ct_hu, probability, labels=kept)
+    else:
+        raw = measure_candidates(components, ct_hu, probability, keep=lambda voxels, volume: volume >= min_volume_mm3)
     raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
     raw = raw[:max_candidates]
     labelmap = relabel(components, raw)

@@ -42,7 +42,10 @@ class ModelSpec:
         roi_size: sliding-window size ``(z, y, x)`` voxels (divisible by 2**len(strides)).
         overlap: sliding-window overlap fraction.
         threshold: default probability threshold for candidates.
-        min_volume_mm3: candidates smaller than this are dropped.
+        min_volume_mm3: candidates smaller than this (above ``threshold``) are dropped.
+        segment_threshold: a candidate's voxels are its region of ``p >=
+            segment_threshold`` when that is below the threshold in use (see
+            :func:`.candidates.extract_candidates`); ``None``: the voxels above the threshold.
         lung_margin_mm: margin around the lung bounding box.
         restrict_to_lung: zero the probability outside the (closed, dilated) lung
             mask when a lung was found.
@@ -62,6 +65,7 @@ class ModelSpec:
     overlap: float = 0.25
     threshold: float = 0.5
     min_volume_mm3: float = 5.0
+    segment_threshold: float | None = None
     lung_margin_mm: float = 10.0
     restrict_to_lung: bool = True
     rescoring: dict[str, Any] | None = None
