@@ -7,8 +7,9 @@
   (``Detector.detect``, whole cube, no lung crop). A nodule is found when a
   candidate's centre lies within the nodule's radius (cubes.csv) of the
   reference mask's centroid (robust for cubes cut short at the scan edge);
-  every other candidate is a false one. FROC/CPM per cube from candidates
-  down to ``--froc-threshold``.
+  every other candidate is a false one. Found and other candidates come from
+  a run at the threshold (what a user gets); FROC/CPM per cube and the
+  threshold sweep from the components of one run down to ``--froc-threshold``.
   Each validation nodule is also sorted by its surroundings (see
   ``LungNoduleAILib.train.nodule_context``): attached to the pleura/mediastinum, attached to a
   vessel, or isolated, and the sensitivity is given for each.
@@ -63,14 +64,14 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
         ref = np.array(stats.GetCentroid(1))
         radius = float(r["diameter_mm"]) / 2
-        res = detector.detect(ct, froc_threshold, use_lung_mask=False)
-        ranked = [{**c.to_dict(), "probability": c.score if c.score is not None else c.probability} for c in res.candidates]
+        low = detector.detect(ct, froc_threshold, use_lung_mask=False)
+        ranked = [{**c.to_dict(), "probability": c.score if c.score is not None else c.probability} for c in low.candidates]
         froc_scans.append(match_scan(r["image"], ranked, [Finding(tuple(ref), 2 * radius)]))
         for t in SWEEP:
-            hit_t = [c for c in res.candidates if c.probability >= t and np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
+            hit_t = [c for c in low.candidates if c.probability >= t and np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
             sweep[t][0] += bool(hit_t)
-            sweep[t][1] += sum(c.probability >= t for c in res.candidates) - len(hit_t)
-        res.candidates = [c for c in res.candidates if c.probability >= threshold]
+            sweep[t][1] += sum(c.probability >= t for c in low.candidates) - len(hit_t)
+        res = detector.detect(ct, threshold, use_lung_mask=False) if froc_threshold < threshold else low  # what a user gets
         hits = [c for c in res.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
         found += bool(hits)
         others += len(res.candidates) - len(hits)
@@ -81,7 +82,8 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         by_context[context][0] += bool(hits)
         by_context[context][1] += 1
         if not hits:
-            missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "top_probability": max((c.probability for c in res.candidates), default=0.0)})
+            on_nodule = [c.probability for c in low.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
+            missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "context": context, "best_probability_on_nodule": max(on_nodule, default=0.0)})
     n = len(rows)
     ev = evaluate(froc_scans, threshold, bootstrap=500)
     return {
