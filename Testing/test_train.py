@@ -81,6 +81,21 @@ def test_small_nodules_are_drawn_small_weight_times_as_often(synthetic_cubes):
         np.testing.assert_allclose(p[train_d < 6] / p[train_d >= 6].max(), weight)
 
 
+def test_size_balanced_weights_favour_small_nodules():
+    import torch
+
+    from LungNoduleAILib.train import size_balanced_weights
+
+    y = torch.zeros(3, 1, 8, 8, 8)
+    y[0, 0, :2, :2, :2] = 1  # 8 voxels: weight 50 / 8
+    y[1, 0, :5, :5, :5] = 1  # 125 voxels: above the reference, weight 1
+    w = size_balanced_weights(y, 50.0)
+    assert w.shape == y.shape
+    assert float(w[0, 0, 0, 0, 0]) == 6.25 and float(w[0, 0, 5, 5, 5]) == 1.0
+    assert torch.all(w[1] == 1.0) and torch.all(w[2] == 1.0)  # a big nodule and a patch without one
+    assert float(size_balanced_weights(y, 5000.0)[0].max()) == 10.0  # capped
+
+
 def test_ema_keeps_the_average_of_the_weights(tmp_path, synthetic_cubes):
     """--ema: what is saved is the moving average, which starts at the initial weights; with a decay near 1 it stays there."""
     from LungNoduleAILib.model import read_weights
@@ -163,7 +178,8 @@ def test_components_match_simpleitk():
 
 def test_train_saves_a_loadable_model_with_its_record(tmp_path, few_cubes):
     spec = ModelSpec(architecture=TINY)
-    record = train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test")
+    record = train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test", size_balance_voxels=100.0)
+    assert record["loss"].endswith("nodule voxels weighted by clip(100/n, 1, 10)") and np.isfinite(record["best_validation"]["loss"])
     assert record["best_validation"]["val_cubes"] == int(few_cubes.is_val.sum())
     meta = json.loads((tmp_path / "m.json").read_text())
     assert meta["training"]["seed"] == 0 and meta["training"]["data"]["cubes"] == 24

@@ -98,6 +98,8 @@ def _add_train(sub) -> None:
     p.add_argument("--faint-fraction", type=float, default=0.0, help="fraction of pasted nodules made faint (35-70 %% of their contrast, like ground-glass nodules; default: %(default)s)")
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the weights with this decay per step, e.g. 0.998 (default: %(default)s = off)")
+    p.add_argument("--size-balance", type=float, default=0.0, metavar="VOXELS",
+                   help="weigh the labelled voxels of a patch with n of them VOXELS/n times (1-10x) in the cross-entropy, so small nodules count more; e.g. 500, a 10 mm nodule (default: %(default)s = off)")
     p.add_argument("--fp-weight", type=float, default=0.05, help="checkpoint choice: weight of other candidates per validation cube (default: %(default)s)")
     p.add_argument("--scan-fp-weight", type=float, default=0.0, help="checkpoint choice: weight of each false response in the training scans' lungs (counted at each validation when > 0; default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="processes drawing training patches (Linux; e.g. 8 to keep a GPU busy; default: %(default)s = in this process)")
@@ -352,7 +354,7 @@ def _run_train(args) -> int:
         patch=args.patch, lr=args.lr, seed=args.seed, device=args.device, val_every=args.val_every, init=args.init, command=command,
         mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold, attached_weight=args.attached_weight,
         workers=args.workers, mine_with=args.mine_with, mix=mix, fp_weight=args.fp_weight, scan_fp_weight=args.scan_fp_weight,
-        faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema,
+        faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

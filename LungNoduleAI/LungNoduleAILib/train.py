@@ -480,6 +480,20 @@ def _augment(x, y, gen):
     return x, y
 
 
+def size_balanced_weights(y, reference_voxels: float, max_weight: float = 10.0):
+    """Cross-entropy weights ``(B, 1, P, P, P)`` that make small nodules count more.
+
+    The labelled voxels of a patch with ``n`` of them weigh
+    ``clip(reference_voxels / n, 1, max_weight)``; every other voxel weighs 1.
+
+    Args:
+        y: labels ``(B, 1, P, P, P)`` (0/1).
+        reference_voxels: labelled voxels at which the weight reaches 1 (e.g. 500, a 10 mm nodule at 1 mm).
+    """
+    n = y.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0)
+    return 1.0 + (y > 0) * ((reference_voxels / n).clamp(1.0, max_weight) - 1.0)
+
+
 def _draw_batch(sampler: PatchSampler, batch_size: int, gen):
     """One augmented batch: ``(x float32 (B, 1, P, P, P) in [0, 1], y float32 (B, 1, P, P, P))``."""
     import torch
@@ -701,6 +715,7 @@ def train(
     faint_fraction: float = 0.0,
     small_weight: float = 2.0,
     ema: float = 0.0,
+    size_balance_voxels: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -720,6 +735,8 @@ def train(
     ``mix``: fractions of (nodule cube crops, pasted nodules in erased cubes,
     erased cubes alone, full-scan lung patches) in each batch.
     ``small_weight``: nodules under 6 mm are drawn (and pasted) this many times as often.
+    ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
+    voxels of small nodules more (:func:`size_balanced_weights`).
     ``ema``: when > 0, an exponential moving average of the weights (and of
     the batch-norm statistics) with this decay per step, starting at the
     initial weights, is what is validated and saved; it smooths the
@@ -729,6 +746,7 @@ def train(
         The final training record (also stored in the model's JSON).
     """
     import torch
+    import torch.nn.functional as F
     from monai.losses import DiceLoss
 
     from .model import resolve_device
@@ -796,7 +814,10 @@ def train(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = net(x)
         logits = logits.float()
-        loss = bce(logits, y) + dice(logits, y)
+        if size_balance_voxels > 0:
+            loss = F.binary_cross_entropy_with_logits(logits, y, weight=size_balanced_weights(y, size_balance_voxels)) + dice(logits, y)
+        else:
+            loss = bce(logits, y) + dice(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -825,7 +846,7 @@ def train(
                     "patch": patch,
                     "batch_size": batch_size,
                     "lr": lr,
-                    "loss": "BCEWithLogits + soft Dice (batch)",
+                    "loss": "BCEWithLogits + soft Dice (batch)" + (f", nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)" if size_balance_voxels > 0 else ""),
                     "optimizer": "AdamW, weight decay 1e-4, cosine decay",
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -835,6 +856,7 @@ def train(
                     "faint_fraction": faint_fraction,
                     "small_weight": small_weight,
                     "ema": ema,
+                    "size_balance_voxels": size_balance_voxels,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
                     "init": str(init) if init else None,
                     "init_training": _init_record(init),
