@@ -335,7 +335,8 @@ def _run_train(args) -> int:
     spec = ModelSpec()
     init_json = Path(args.init).with_suffix(".json") if args.init else None
     if init_json and init_json.exists():
-        spec.threshold = ModelSpec.from_json(init_json).threshold  # a fine-tune validates at its model's threshold
+        init_spec = ModelSpec.from_json(init_json)  # a fine-tune validates at its model's threshold and keeps its segment threshold
+        spec.threshold, spec.segment_threshold = init_spec.threshold, init_spec.segment_threshold
     try:
         mix = [float(v) for v in args.mix.split(",")]
     except ValueError:
