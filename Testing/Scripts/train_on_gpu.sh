@@ -16,10 +16,10 @@
 #   other candidates per cube and on false responses in the training scan's lungs;
 #   c: fine-tune of stage 1's b on its own hard negatives;
 #   d: the same from the bundled model.
-# Stage 3 (`train_on_gpu.sh 3`, prepared for the next GPU session; not run yet), aimed at what
-# the bundled model still misses, small and faint nodules, with stage 2's scan-aware choice:
-#   e: fine-tune of the bundled model, nodules under 6 mm drawn 4x as often, a quarter of the
-#      pasted nodules faint (ground-glass-like), weights kept as a moving average (--ema);
+# Stage 3 (`train_on_gpu.sh 3`, prepared for the next GPU session; not run yet): the settings of
+# the 50-minute CPU fine-tune that made 1.3.0 (small nodules weighed more: --size-balance,
+# --small-weight; faint pasted nodules; a moving average of the weights), with GPU-sized batches:
+#   e: fine-tune of the bundled model;
 #   f: the same from stage 1's b.
 # Each writes its best checkpoint (by in-training validation) whenever it improves,
 # so a run cut short still leaves a model behind.
@@ -40,7 +40,7 @@ python3 -c "import torch, monai, numpy, scipy; print('torch', torch.__version__,
 common=(--pack "$PACK" --device cuda --workers "$WORKERS" --batch-size 32 --max-minutes "$MINUTES" --steps 1000000
         --seed 0 --mine-hard-negatives --mine-threshold 0.3)
 if [ "${1:-1}" = 3 ]; then
-    stage3=(--val-every 500 --attached-weight 1.5 --small-weight 4 --faint-fraction 0.25 --ema 0.999
+    stage3=(--val-every 500 --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
             --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/e/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/e.log" 2>&1 &
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/f/lung_nodule_unet.json" --init .devpack/b/lung_nodule_unet.json >"$OUT/f.log" 2>&1 &
