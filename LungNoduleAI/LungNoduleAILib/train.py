@@ -781,7 +781,6 @@ def train(
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.startswith("cuda") else None)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    bce = torch.nn.BCEWithLogitsLoss()
     dice = DiceLoss(sigmoid=True, batch=True)
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
     sampler = PatchSampler(
@@ -814,10 +813,8 @@ def train(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = net(x)
         logits = logits.float()
-        if size_balance_voxels > 0:
-            loss = F.binary_cross_entropy_with_logits(logits, y, weight=size_balanced_weights(y, size_balance_voxels)) + dice(logits, y)
-        else:
-            loss = bce(logits, y) + dice(logits, y)
+        weight = size_balanced_weights(y, size_balance_voxels) if size_balance_voxels > 0 else None
+        loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight) + dice(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
