@@ -278,6 +278,17 @@ def test_rethreshold_keeps_reviewed_candidates(scene, detector):
     assert result.tableNode.GetTable().GetNumberOfRows() == len(after_ids)
 
 
+def test_rethreshold_draws_candidates_at_the_models_segment_threshold(scene, detector):
+    """Above the model's segment threshold (0.5), re-thresholding re-finds the nodule with the same outline, not a smaller core."""
+    volume = load_volume(scene, SAMPLE_CT)
+    logic = make_logic(scene, detector)
+    seg = logic.detect(volume, device="cpu").segmentationNode
+    detected = int(logic._segmentMask(seg, logic.candidateSegmentIds(seg)[0])[0].sum())
+    new_ids = logic.rethreshold(seg, 0.99)
+    assert len(new_ids) == 1
+    assert int(logic._segmentMask(seg, new_ids[0])[0].sum()) == detected
+
+
 @pytest.fixture(scope="module")
 def sample_dicom(tmp_path_factory):
     from dicom_series import write_ct_series
