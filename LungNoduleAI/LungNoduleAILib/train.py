@@ -780,6 +780,7 @@ def train(
         if dev.startswith("cuda"):  # SyncBatchNorm works on GPUs only
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.startswith("cuda") else None)
+    model = getattr(net, "module", net)  # the network itself, also under DistributedDataParallel
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     dice = DiceLoss(sigmoid=True, batch=True)
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
@@ -790,8 +791,8 @@ def train(
     if ema > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        averaged = AveragedModel(getattr(net, "module", net), multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
-        averaged.update_parameters(getattr(net, "module", net))  # the average starts at the initial (e.g. --init) weights
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
+        averaged.update_parameters(model)  # the average starts at the initial (e.g. --init) weights
     use_amp = dev.startswith("cuda")
     if use_amp:
         torch.backends.cudnn.benchmark = True
@@ -819,14 +820,14 @@ def train(
         loss.backward()
         opt.step()
         if averaged is not None:
-            averaged.update_parameters(getattr(net, "module", net))
+            averaged.update_parameters(model)
         last = step == steps or (max_minutes is not None and (time.time() - t0) / 60.0 >= max_minutes)
         if distributed:  # every rank stops at the same step (rank 0's clock decides)
             flag = torch.tensor([1.0 if last else 0.0], device=dev)
             torch.distributed.broadcast(flag, src=0)
             last = bool(flag.item())
         if rank == 0 and (step % val_every == 0 or last):
-            kept = averaged.module if averaged is not None else getattr(net, "module", net)
+            kept = averaged.module if averaged is not None else model
             stats = _validate(kept, data, dev, spec.threshold, min_voxels, scans=scan_fp_weight > 0)
             stats.update(step=step, minutes=round((time.time() - t0) / 60.0, 2), loss=round(float(loss.item()), 4), lr=opt.param_groups[0]["lr"])
             history.append(stats)
