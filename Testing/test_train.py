@@ -81,6 +81,33 @@ def test_small_nodules_are_drawn_small_weight_times_as_often(synthetic_cubes):
         np.testing.assert_allclose(p[train_d < 6] / p[train_d >= 6].max(), weight)
 
 
+def test_faint_nodules_are_drawn_faint_weight_times_as_often(synthetic_cubes):
+    """--faint-weight: nodules whose mask averages below -450 HU (ground-glass-like) are drawn that many times as often."""
+    import dataclasses
+
+    from LungNoduleAILib.intensity import scale_intensity_uint8
+    from LungNoduleAILib.train import nodule_density
+
+    cubes = synthetic_cubes.cubes.copy()
+    for n in range(0, 12, 3):  # every third nodule made ground-glass: -600 HU instead of +30 HU
+        cubes[n][synthetic_cubes.masks[n] > 0] = scale_intensity_uint8(np.array([-600.0]), (-1000.0, 400.0))[0]
+    data = dataclasses.replace(synthetic_cubes, cubes=cubes)
+    faint = (np.arange(12) % 3 == 0)[~data.is_val]
+    assert faint.any() and not faint.all()
+    for weight in (1.0, 3.0):
+        p = PatchSampler(data, 48, seed=0, lung_max_u8=91, small_weight=1.0, faint_weight=weight).nodule_p
+        np.testing.assert_allclose(p[faint] / p[~faint].max(), weight, rtol=1e-6)
+    hu = np.full((5, 5, 5), -850.0)
+    ball = np.zeros_like(hu, bool)
+    ball[1:4, 1:4, 1:4] = True
+    hu[ball] = -600.0
+    assert nodule_density(hu, ball) == "faint"
+    hu[ball] = 20.0
+    assert nodule_density(hu, ball) == "dense"
+    with pytest.raises(ValueError, match="mask is empty"):
+        nodule_density(hu, np.zeros_like(ball))
+
+
 def test_size_balanced_weights_favour_small_nodules():
     import torch
 
@@ -293,6 +320,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert not (tmp_path / "p.npz").exists()
     assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--ema", "1.5"]) == 2
     assert "--ema is a decay per step in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--faint-weight", "0"]) == 2
+    assert "--faint-weight is how many times as often" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 
 

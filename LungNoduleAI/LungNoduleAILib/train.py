@@ -256,6 +256,22 @@ def load_pack(path: str | os.PathLike, seed: int = 0) -> TrainingData:
 
 
 NODULE_CONTEXTS = ("pleural/mediastinal", "vascular", "isolated")
+NODULE_DENSITIES = ("faint", "dense")
+FAINT_MEAN_HU = -450.0
+"""A nodule whose mask averages below this (HU) is "faint": ground-glass or part-solid, or small enough that partial volume blurs it."""
+
+
+def nodule_density(ct_hu: np.ndarray, mask: np.ndarray) -> str:
+    """``"faint"`` when the mean CT value inside the nodule mask is below :data:`FAINT_MEAN_HU`, else ``"dense"``.
+
+    Args:
+        ct_hu: ``(z, y, x)`` HU around the nodule.
+        mask: ``(z, y, x)`` nodule mask, same grid (not empty).
+    """
+    values = np.asarray(ct_hu)[np.asarray(mask) > 0]
+    if values.size == 0:
+        raise ValueError("The nodule mask is empty; its density is undefined.")
+    return "faint" if float(values.mean()) < FAINT_MEAN_HU else "dense"
 
 
 def nodule_context(ct_hu: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> str:
@@ -300,7 +316,7 @@ class PatchSampler:
 
     def __init__(
         self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
-        hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0,
+        hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0, faint_weight: float = 1.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -318,6 +334,11 @@ class PatchSampler:
             attached = contexts != "isolated"
             w = w * np.where(attached, attached_weight, 1.0)
             log.info("%d of %d training nodules touch the pleura or a vessel; drawn %.1fx as often.", int(attached.sum()), len(attached), attached_weight)
+        if faint_weight != 1.0:  # and faint ones (ground-glass, part-solid, small and blurred)
+            lo, hi = hu_window
+            faint = np.array([nodule_density(c.astype(np.float32) * ((hi - lo) / 255.0) + lo, m) == "faint" for c, m in zip(self.cubes, self.masks)])
+            w = w * np.where(faint, faint_weight, 1.0)
+            log.info("%d of %d training nodules are faint (mean < %.0f HU); drawn %.1fx as often.", int(faint.sum()), len(faint), FAINT_MEAN_HU, faint_weight)
         self.nodule_p = w / w.sum()
         self.lung_max_u8 = lung_max_u8
         self.faint_fraction = faint_fraction  # pasted nodules made faint (35-70 % of their contrast), like ground-glass nodules
@@ -716,6 +737,7 @@ def train(
     small_weight: float = 2.0,
     ema: float = 0.0,
     size_balance_voxels: float = 0.0,
+    faint_weight: float = 1.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -735,6 +757,7 @@ def train(
     ``mix``: fractions of (nodule cube crops, pasted nodules in erased cubes,
     erased cubes alone, full-scan lung patches) in each batch.
     ``small_weight``: nodules under 6 mm are drawn (and pasted) this many times as often.
+    ``faint_weight``: nodules whose mask averages below :data:`FAINT_MEAN_HU` are drawn (and pasted) this many times as often.
     ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
     voxels of small nodules more (:func:`size_balanced_weights`).
     ``ema``: when > 0, an exponential moving average of the weights (and of
@@ -785,7 +808,8 @@ def train(
     dice = DiceLoss(sigmoid=True, batch=True)
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
     sampler = PatchSampler(
-        data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction, small_weight=small_weight
+        data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction, small_weight=small_weight,
+        faint_weight=faint_weight,
     )
     averaged = None
     if ema > 0:
@@ -853,6 +877,7 @@ def train(
                     "attached_weight": attached_weight,
                     "faint_fraction": faint_fraction,
                     "small_weight": small_weight,
+                    "faint_weight": faint_weight,
                     "ema": ema,
                     "size_balance_voxels": size_balance_voxels,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
