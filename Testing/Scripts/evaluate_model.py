@@ -37,7 +37,7 @@ import SimpleITK as sitk
 from LungNoduleAILib.evaluate import Finding, evaluate, lidc_excluded_findings, lidc_reader_marks, match_scan, write_reference_csv
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
-from LungNoduleAILib.train import NODULE_CONTEXTS, nodule_context, validation_series
+from LungNoduleAILib.train import NODULE_CONTEXTS, NODULE_DENSITIES, nodule_context, nodule_density, validation_series
 
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -50,10 +50,16 @@ def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dic
     return [r for r in rows if r["seriesuid"] in val]
 
 
+def _rates(counts: dict) -> dict:
+    """``{group: [found, n]}`` -> ``{group: {"found", "n", "sensitivity"}}``."""
+    return {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in counts.items()}
+
+
 def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: int, froc_threshold: float) -> dict:
     rows = val_cubes(data_dir, seed)
     found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
     by_context = {c: [0, 0] for c in NODULE_CONTEXTS}
+    by_density = {c: [0, 0] for c in NODULE_DENSITIES}
     missed = []
     froc_scans = []
     sweep = {t: [0, 0] for t in SWEEP}
@@ -81,9 +87,12 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         context = nodule_context(sitk.GetArrayViewFromImage(ct.image), sitk.GetArrayViewFromImage(mask), ct.image.GetSpacing())
         by_context[context][0] += bool(hits)
         by_context[context][1] += 1
+        density = nodule_density(sitk.GetArrayViewFromImage(ct.image), sitk.GetArrayViewFromImage(mask))
+        by_density[density][0] += bool(hits)
+        by_density[density][1] += 1
         if not hits:
             on_nodule = [c.probability for c in low.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
-            missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "context": context, "best_probability_on_nodule": max(on_nodule, default=0.0)})
+            missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "context": context, "density": density, "best_probability_on_nodule": max(on_nodule, default=0.0)})
     n = len(rows)
     ev = evaluate(froc_scans, threshold, bootstrap=500)
     return {
@@ -95,8 +104,9 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         "series": len({r["seriesuid"] for r in rows}),
         "sensitivity": round(found / n, 4),
         "other_candidates_per_cube": round(others / n, 3),
-        "sensitivity_by_size": {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in by_size.items()},
-        "sensitivity_by_context": {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in by_context.items()},
+        "sensitivity_by_size": _rates(by_size),
+        "sensitivity_by_context": _rates(by_context),
+        "sensitivity_by_density": _rates(by_density),
         "missed": missed,
     }
 

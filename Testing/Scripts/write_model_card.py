@@ -73,6 +73,13 @@ def main() -> None:
             "- By size: " + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc["sensitivity_by_size"].items()) + ".",
             "- By surroundings (`LungNoduleAILib.train.nodule_context`: soft tissue in a 3 mm shell around the nodule; thick = chest wall/mediastinum): "
             + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc.get("sensitivity_by_context", {}).items()) + ".",
+        ]
+        if "sensitivity_by_density" in vc:
+            lines.append(
+                "- By density (`LungNoduleAILib.train.nodule_density`: faint = mean below -450 HU in the nodule mask: ground-glass, part-solid, or small and blurred): "
+                + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc["sensitivity_by_density"].items()) + "."
+            )
+        lines += [
             f"- FROC per cube (candidates down to p = 0.05): CPM {vc['cpm']:.3f} (95 % CI {vc['cpm_ci95'][0]:.3f}-{vc['cpm_ci95'][1]:.3f}); sensitivity at "
             + ", ".join(f"{k} FP/cube {v:.3f}" for k, v in vc["sensitivity_at_fp_per_cube"].items()) + ".",
         ]
