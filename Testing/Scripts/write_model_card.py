@@ -108,7 +108,10 @@ def main() -> None:
     if args.bench:
         lines += ["", "## Speed and memory (Testing/Benchmarks/bench_detect.py, 2-core CPU)", "", "```", args.bench.read_text().strip(), "```"]
     if args.notes:
-        lines += ["", "## Notes", "", args.notes.read_text().strip()]
+        notes = args.notes.read_text()
+        notes = notes.split("\n## Data and licences", 1)[0]  # a card's tail, written below, when the notes were cut from an older card
+        notes = notes.removeprefix("## Notes").strip()
+        lines += ["", "## Notes", "", notes]
     lines += [
         "",
         "## Data and licences",
