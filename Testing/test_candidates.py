@@ -93,6 +93,55 @@ def test_segment_threshold_draws_the_candidate_at_its_own_extent():
     assert merged[0].probability == pytest.approx(0.99, abs=1e-3) and labelmap[(46, 40, 30)] == 1
 
 
+def _dumbbell(radii_mm, gap_mm, neck_mm, peaks=(1.0, 1.0), spacing=SPACING, size=(120, 90, 60)):
+    """Two balls (radii mm, peak p) whose centres lie ``gap_mm`` apart along x, joined by a rod of radius
+    ``neck_mm`` at p 0.6 (part of the region, no core); returns (probability, ct, centres in LPS mm)."""
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetSpacing(spacing)
+    img.SetOrigin((-40.0, -30.0, -35.0))
+    zz, yy, xx = np.meshgrid(*[np.arange(n) * s + o for n, s, o in zip(reversed(size), reversed(spacing), reversed(img.GetOrigin()))], indexing="ij")
+    centres = [(-gap_mm / 2, 0.0, 0.0), (gap_mm / 2, 0.0, 0.0)]
+    prob = np.zeros(tuple(reversed(size)), np.float32)
+    ct = np.full(prob.shape, -850.0, np.float32)
+    rod = (np.abs(xx) <= gap_mm / 2) & (yy**2 + zz**2 <= neck_mm**2)
+    prob[rod] = 0.6
+    for (cx, cy, cz), r, peak in zip(centres, radii_mm, peaks):
+        ball = (xx - cx) ** 2 + (yy - cy) ** 2 + (zz - cz) ** 2 <= r**2
+        prob[ball] = peak
+    ct[prob > 0] = 40.0
+    p, c = sitk.GetImageFromArray(prob), sitk.GetImageFromArray(ct)
+    p.CopyInformation(img)
+    c.CopyInformation(img)
+    return p, c, centres
+
+
+def test_a_small_nodule_touching_a_vessel_is_split_off_at_the_neck():
+    """split_depth_mm: two blobs joined by a thin neck become two candidates centred on each blob, with no voxel lost."""
+    prob, ct, (a, b) = _dumbbell((2.5, 3.5), 8.0, 1.0)
+    _, whole = extract_candidates(prob, ct, 0.97, 5.0, segment_threshold=0.5)
+    assert len(whole) == 1 and np.linalg.norm(np.subtract(whole[0].center_lps_mm, a)) > 2.5  # centre between the blobs: a 5 mm nodule missed
+    labelmap, split = extract_candidates(prob, ct, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.5)
+    assert len(split) == 2
+    for c in split:
+        assert min(np.linalg.norm(np.subtract(c.center_lps_mm, x)) for x in (a, b)) < 0.6
+    assert sum(c.voxels for c in split) == whole[0].voxels == int((sitk.GetArrayViewFromImage(labelmap) > 0).sum())
+    assert sorted(np.unique(sitk.GetArrayViewFromImage(labelmap)).tolist()) == [0, 1, 2]
+    # the same without a segment threshold (parts of the cores)
+    assert len(extract_candidates(prob, ct, 0.97, 5.0, split_depth_mm=0.5)[1]) == 2
+    # a blob without its own core above the threshold stays part of its neighbour
+    faint, ct2, _ = _dumbbell((2.5, 3.5), 8.0, 1.0, peaks=(1.0, 0.9))
+    _, one = extract_candidates(faint, ct2, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.5)
+    assert len(one) == 1 and one[0].voxels == int((sitk.GetArrayViewFromImage(faint) >= 0.5).sum())
+    # a neck less than split_depth_mm thinner than the smaller blob is no neck
+    thick, ct3, _ = _dumbbell((2.5, 3.5), 8.0, 1.8)
+    assert len(extract_candidates(thick, ct3, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.5)[1]) == 1
+    assert len(extract_candidates(thick, ct3, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.1)[1]) == 2
+    # a mass (equivalent diameter >= 15 mm) stays one candidate however it is shaped
+    mass, ct4, _ = _dumbbell((8.0, 9.0), 19.0, 2.0)
+    assert len(extract_candidates(mass, ct4, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.5)[1]) == 1
+    assert len(extract_candidates(mass, ct4, 0.97, 5.0, segment_threshold=0.5)[1]) == 1
+
+
 def test_longest_axial_diameter_of_a_rectangle():
     mask = np.zeros((3, 20, 30), bool)
     mask[1, 5:9, 3:23] = True  # 20 x 4 voxels at 0.5 x 1.0 mm -> diagonal of 10 mm x 4 mm

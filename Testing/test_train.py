@@ -342,15 +342,15 @@ def test_nodule_context_tells_pleural_vascular_and_isolated_apart():
 
 
 def test_a_fine_tune_keeps_its_models_thresholds(tmp_path, synthetic_cubes):
-    """lungnoduleai train --init M: validated at M's threshold, and the result keeps M's threshold and segment threshold."""
+    """lungnoduleai train --init M: validated at M's threshold, and the result keeps M's threshold, segment threshold and neck split."""
     from LungNoduleAILib.cli import main
     from LungNoduleAILib.model import build_network, save_model
 
-    spec = ModelSpec(threshold=0.9, segment_threshold=0.4)
+    spec = ModelSpec(threshold=0.9, segment_threshold=0.4, split_depth_mm=0.7)
     save_model(build_network(spec), spec, tmp_path / "init.json")
     save_pack(synthetic_cubes, tmp_path / "pack.npz")
     args = ["train", "--pack", str(tmp_path / "pack.npz"), "--output", str(tmp_path / "ft.json"), "--init", str(tmp_path / "init.json")]
     assert main(args + ["--steps", "1", "--batch-size", "2", "--patch", "32", "--val-every", "1", "--device", "cpu"]) == 0
     tuned = ModelSpec.from_json(tmp_path / "ft.json")
-    assert (tuned.threshold, tuned.segment_threshold) == (0.9, 0.4)
+    assert (tuned.threshold, tuned.segment_threshold, tuned.split_depth_mm) == (0.9, 0.4, 0.7)
     assert tuned.training["selection"]["threshold"] == 0.9

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from .geometry import lps_to_ras
 
-__all__ = ["Candidate", "extract_candidates", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung", "relabel"]
+__all__ = ["Candidate", "extract_candidates", "split_at_necks", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung", "relabel"]
 
 
 @dataclass
@@ -158,6 +158,7 @@ def extract_candidates(
     min_volume_mm3: float = 0.0,
     max_candidates: int = 200,
     segment_threshold: float | None = None,
+    split_depth_mm: float | None = None,
 ) -> tuple[sitk.Image, list[Candidate]]:
     """Threshold, split into 3-D connected components and rank them.
 
@@ -174,6 +175,12 @@ def extract_candidates(
             as the network draws it, rather than the core above ``threshold``.
             Which candidates exist is still decided at ``threshold``; a region
             holding several cores is one candidate.
+        split_depth_mm: when given, candidate regions (under
+            :data:`SPLIT_MAX_DIAMETER_MM`) made of blobs joined by a neck at
+            least this much thinner (mm of depth) are split, one candidate
+            per blob holding its own ``min_volume_mm3`` above ``threshold``
+            (:func:`split_at_necks`): a small nodule touching a vessel gets its
+            own centre instead of one between the two.
 
     Returns:
         ``(labelmap, candidates)``: uint16 labelmap on the CT grid with label
@@ -196,13 +203,97 @@ def extract_candidates(
                 box = (slice(z0, z0 + sz), slice(y0, y0 + sy), slice(x0, x0 + sx))
                 kept.add(int(region_arr[box][core_arr[box] == lbl][0]))
         components = regions
-        raw = measure_candidates(regions, ct_hu, probability, labels=kept)
+        if split_depth_mm:
+            components, kept = split_at_necks(components, kept, probability, threshold, min_volume_mm3, split_depth_mm)
+        raw = measure_candidates(components, ct_hu, probability, labels=kept)
+    elif split_depth_mm:
+        shape = sitk.LabelShapeStatisticsImageFilter()
+        shape.Execute(components)
+        voxel_mm3 = float(np.prod(probability.GetSpacing()))
+        kept = {int(lbl) for lbl in shape.GetLabels() if shape.GetNumberOfPixels(lbl) * voxel_mm3 >= min_volume_mm3}
+        components, kept = split_at_necks(components, kept, probability, threshold, min_volume_mm3, split_depth_mm)
+        raw = measure_candidates(components, ct_hu, probability, labels=kept)
     else:
         raw = measure_candidates(components, ct_hu, probability, keep=lambda voxels, volume: volume >= min_volume_mm3)
     raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
     raw = raw[:max_candidates]
     labelmap = relabel(components, raw)
     return labelmap, raw
+
+
+SPLIT_MAX_DIAMETER_MM = 15.0
+"""Regions of at least this equivalent diameter (mm) are never split: a mass stays one candidate."""
+
+
+def split_at_necks(
+    labelmap: sitk.Image, labels: Collection[int], probability: sitk.Image, threshold: float, min_volume_mm3: float, depth_mm: float
+) -> tuple[sitk.Image, set]:
+    """Split candidate regions that are blobs joined by a neck (a small nodule touching a vessel or another blob).
+
+    In each region the distance to its border (mm) is flooded from its maxima
+    that stand at least ``depth_mm`` above the neck towards a higher one
+    (h-maxima); a part becomes a candidate of its own when it holds at least
+    ``min_volume_mm3`` of ``p >= threshold``. With fewer than two such parts
+    the region is left whole; otherwise the region is shared among them
+    (watershed from their maxima only), so no voxel is lost. Regions of at
+    least :data:`SPLIT_MAX_DIAMETER_MM` equivalent diameter are left whole.
+
+    Args:
+        labelmap: integer labelmap of candidate regions.
+        labels: the labels that are candidates (others are left as they are).
+        probability: probabilities (0-1) on the same grid.
+        threshold: probability threshold (0-1) of the candidates' cores.
+        min_volume_mm3: a part needs this much core (mm³) to be a candidate.
+        depth_mm: h of the h-maxima of the depth (distance to the border, mm).
+
+    Returns:
+        ``(labelmap, labels)``: a copy of ``labelmap`` with new labels for the parts, and the candidate labels.
+    """
+    out = sitk.GetArrayFromImage(labelmap).astype(np.uint32)
+    prob = sitk.GetArrayViewFromImage(probability)
+    spacing = labelmap.GetSpacing()
+    voxel_mm3 = float(np.prod(spacing))
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(sitk.Cast(labelmap, sitk.sitkUInt32))
+    max_voxels = math.pi / 6.0 * SPLIT_MAX_DIAMETER_MM**3 / voxel_mm3
+    kept, next_label = set(), int(out.max()) + 1
+    for lbl in labels:
+        if shape.GetNumberOfPixels(int(lbl)) >= max_voxels:
+            kept.add(int(lbl))
+            continue
+        x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(int(lbl))
+        box = (slice(max(z0 - 1, 0), z0 + sz + 1), slice(max(y0 - 1, 0), y0 + sy + 1), slice(max(x0 - 1, 0), x0 + sx + 1))
+        region = out[box] == lbl
+        mask = sitk.GetImageFromArray(region.astype(np.uint8))
+        mask.SetSpacing(spacing)
+        depth = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
+        depth = sitk.Mask(depth, mask)
+        markers = sitk.ConnectedComponent(sitk.Mask(sitk.RegionalMaxima(sitk.HMaxima(depth, float(depth_mm)), 0, 1, True), mask), True)
+        n_markers = int(sitk.GetArrayViewFromImage(markers).max())
+        if n_markers < 2:
+            kept.add(int(lbl))
+            continue
+        flood = lambda seeds: sitk.GetArrayFromImage(sitk.Mask(sitk.MorphologicalWatershedFromMarkers(sitk.InvertIntensity(depth, 1e3), seeds, False, True), mask))
+        parts = flood(markers)
+        core = region & (prob[box] >= threshold)
+        counts = np.bincount(parts[core].ravel(), minlength=n_markers + 1)
+        good = [i for i in range(1, n_markers + 1) if counts[i] * voxel_mm3 >= min_volume_mm3]
+        if len(good) < 2:
+            kept.add(int(lbl))
+            continue
+        seeds = sitk.GetArrayFromImage(markers)
+        seeds[~np.isin(seeds, good)] = 0
+        seeds_img = sitk.GetImageFromArray(seeds.astype(np.uint32))
+        seeds_img.CopyInformation(markers)
+        parts = flood(seeds_img)
+        view = out[box]
+        for i in good:
+            view[(parts == i) & region] = next_label
+            kept.add(next_label)
+            next_label += 1
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(labelmap)
+    return img, kept
 
 
 def relabel(labelmap: sitk.Image, candidates: list[Candidate]) -> sitk.Image:

@@ -336,8 +336,8 @@ def _run_train(args) -> int:
     spec = ModelSpec()
     init_json = Path(args.init).with_suffix(".json") if args.init else None
     if init_json and init_json.exists():
-        init_spec = ModelSpec.from_json(init_json)  # a fine-tune validates at its model's threshold and keeps its segment threshold
-        spec.threshold, spec.segment_threshold = init_spec.threshold, init_spec.segment_threshold
+        init_spec = ModelSpec.from_json(init_json)  # a fine-tune validates at its model's threshold and keeps how it draws candidates
+        spec.threshold, spec.segment_threshold, spec.split_depth_mm = init_spec.threshold, init_spec.segment_threshold, init_spec.split_depth_mm
     try:
         mix = [float(v) for v in args.mix.split(",")]
     except ValueError:

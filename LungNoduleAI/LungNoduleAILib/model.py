@@ -46,6 +46,8 @@ class ModelSpec:
         segment_threshold: a candidate's voxels are its region of ``p >=
             segment_threshold`` when that is below the threshold in use (see
             :func:`.candidates.extract_candidates`); ``None``: the voxels above the threshold.
+        split_depth_mm: split candidates made of blobs joined by a neck this much
+            (mm) thinner (see :func:`.candidates.split_at_necks`); ``None``: never.
         lung_margin_mm: margin around the lung bounding box.
         restrict_to_lung: zero the probability outside the (closed, dilated) lung
             mask when a lung was found.
@@ -66,6 +68,7 @@ class ModelSpec:
     threshold: float = 0.5
     min_volume_mm3: float = 5.0
     segment_threshold: float | None = None
+    split_depth_mm: float | None = None
     lung_margin_mm: float = 10.0
     restrict_to_lung: bool = True
     rescoring: dict[str, Any] | None = None
@@ -76,6 +79,10 @@ class ModelSpec:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def candidate_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`.candidates.extract_candidates` that this model sets."""
+        return {"min_volume_mm3": self.min_volume_mm3, "segment_threshold": self.segment_threshold, "split_depth_mm": self.split_depth_mm}
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")

@@ -209,7 +209,7 @@ class Detector:
         prob_sub = resample_like(prob_crop_img, ct_sub, sitk.sitkLinear, 0.0)
         if crop is not None and crop.found and spec.restrict_to_lung:
             prob_sub = restrict_to_lung(prob_sub, crop.mask)
-        labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, spec.min_volume_mm3, segment_threshold=spec.segment_threshold)
+        labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, **spec.candidate_options())
         if spec.rescoring:
             labelmap_sub, cands = apply_rescorer(spec.rescoring, cands, labelmap_sub, ct_sub, prob_sub)
         for c in cands:

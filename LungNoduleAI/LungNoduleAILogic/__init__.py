@@ -508,7 +508,7 @@ class LungNoduleAILogic:
                 kept.append(sid)
         keptMask = sitk.GetArrayViewFromImage(self._segmentArrayOnVolume(segmentationNode, kept, volume)) > 0 if kept else np.zeros(tuple(reversed(ct.GetSize())), bool)
         spec = self._modelSpec()
-        labelmap, found = extract_candidates(probability, ct, threshold, spec.min_volume_mm3 if spec else 0.0, segment_threshold=spec.segment_threshold if spec else None)
+        labelmap, found = extract_candidates(probability, ct, threshold, **(spec.candidate_options() if spec else {}))
         if spec is not None and spec.rescoring:
             labelmap, found = apply_rescorer(spec.rescoring, found, labelmap, to_hu(ct), probability)
         labelArr = sitk.GetArrayViewFromImage(labelmap)
