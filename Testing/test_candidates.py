@@ -136,7 +136,7 @@ def test_a_small_nodule_touching_a_vessel_is_split_off_at_the_neck():
     thick, ct3, _ = _dumbbell((2.5, 3.5), 8.0, 1.8)
     assert len(extract_candidates(thick, ct3, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.5)[1]) == 1
     assert len(extract_candidates(thick, ct3, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.1)[1]) == 2
-    # a mass (equivalent diameter >= 15 mm) stays one candidate however it is shaped
+    # a region of 10 mm equivalent diameter or more stays one candidate however it is shaped
     mass, ct4, _ = _dumbbell((8.0, 9.0), 19.0, 2.0)
     assert len(extract_candidates(mass, ct4, 0.97, 5.0, segment_threshold=0.5, split_depth_mm=0.5)[1]) == 1
     assert len(extract_candidates(mass, ct4, 0.97, 5.0, segment_threshold=0.5)[1]) == 1

@@ -221,8 +221,8 @@ def extract_candidates(
     return labelmap, raw
 
 
-SPLIT_MAX_DIAMETER_MM = 15.0
-"""Regions of at least this equivalent diameter (mm) are never split: a mass stays one candidate."""
+SPLIT_MAX_DIAMETER_MM = 10.0
+"""Regions of at least this equivalent diameter (mm) are never split: a nodule of 10 mm or more, or a mass, stays one candidate."""
 
 
 def split_at_necks(
