@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from LungNoduleAILib.candidates import SPLIT_MAX_DIAMETER_MM
 from LungNoduleAILib.model import ModelSpec, file_sha256
 
 
@@ -38,7 +39,8 @@ def main() -> None:
         f"- MONAI `UNet` (3-D, 1 input and 1 output channel), {json.dumps(spec.architecture)}; its top layer is a plain transposed convolution (no norm/activation), so the logits are not squeezed.",
         f"- Input: CT oriented to LPS, resampled to {spec.spacing_mm} mm, HU clipped to {spec.hu_window} and scaled to [0, 1]; restricted to the lungs' bounding box (+{spec.lung_margin_mm:g} mm) from a threshold/connected-component lung mask; probability set to 0 outside the closed lung mask dilated by 4 mm.",
         f"- Sliding window {spec.roi_size} voxels, overlap {spec.overlap}, Gaussian blending. Candidates: components of p >= {spec.threshold} (default threshold) of at least {spec.min_volume_mm3:g} mm³"
-        + (f", each drawn as its connected region of p >= {spec.segment_threshold} (its segment, measurements and centre)." if spec.segment_threshold is not None else "."),
+        + (f", each drawn as its connected region of p >= {spec.segment_threshold} (its segment, measurements and centre)." if spec.segment_threshold is not None else ".")
+        + (f" Regions under {SPLIT_MAX_DIAMETER_MM:g} mm made of blobs joined by a neck at least {spec.split_depth_mm} mm shallower are split, one candidate per blob with its own core (`split_at_necks`)." if spec.split_depth_mm else ""),
         "",
         "## Training",
         f"- Command: `{t.get('command', '?')}`",
