@@ -17,10 +17,11 @@
 #   c: fine-tune of stage 1's b on its own hard negatives;
 #   d: the same from the bundled model.
 # Stage 3 (`train_on_gpu.sh 3`, prepared for the next GPU session; not run yet): the settings of
-# the 50-minute CPU fine-tune that made 1.3.0 (small nodules weighed more: --size-balance,
+# the 50-minute CPU fine-tune that made 1.3.0's weights (small nodules weighed more: --size-balance,
 # --small-weight; faint pasted nodules; a moving average of the weights), with GPU-sized batches:
 #   e: fine-tune of the bundled model;
-#   f: the same from stage 1's b.
+#   f: the same with real faint nodules (mean < -450 HU, five of 1.3.1's six misses) drawn 3x as
+#      often (--faint-weight 3); on the CPU this gained a nodule but cost 4 cube false positives.
 # Each writes its best checkpoint (by in-training validation) whenever it improves,
 # so a run cut short still leaves a model behind.
 set -uo pipefail
@@ -43,7 +44,7 @@ if [ "${1:-1}" = 3 ]; then
     stage3=(--val-every 500 --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
             --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/e/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/e.log" 2>&1 &
-    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/f/lung_nodule_unet.json" --init .devpack/b/lung_nodule_unet.json >"$OUT/f.log" 2>&1 &
+    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --faint-weight 3 --output "$OUT/f/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/f.log" 2>&1 &
 elif [ "${1:-1}" = 2 ]; then
     stage2=(--val-every 500 --attached-weight 1.0 --mix 0.2,0.15,0.15,0.5 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage2[@]}" --output "$OUT/c/lung_nodule_unet.json" --init .devpack/b/lung_nodule_unet.json >"$OUT/c.log" 2>&1 &
