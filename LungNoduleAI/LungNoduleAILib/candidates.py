@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Collection, Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -92,7 +92,6 @@ def measure_candidates(
     labelmap: sitk.Image,
     ct_hu: sitk.Image,
     probability: sitk.Image | None = None,
-    keep: Callable[[int, float], bool] | None = None,
     labels: Collection[int] | None = None,
 ) -> list[Candidate]:
     """Measure every label of ``labelmap`` (on the CT grid).
@@ -102,9 +101,8 @@ def measure_candidates(
         ct_hu: CT in HU.
         probability: float probabilities on the same grid (optional: without
             it the probabilities are reported as 0).
-        keep: ``keep(voxels, volume_mm3)``; labels it rejects are not measured
-            (the per-slice diameter is the costly part).
-        labels: measure only these labels (``None``: all).
+        labels: measure only these labels (``None``: all); the others cost
+            nothing (the per-slice diameter is the costly part).
 
     Returns:
         Candidates in label order (``id`` = label, ``rank`` = label).
@@ -125,8 +123,6 @@ def measure_candidates(
         if labels is not None and lbl not in labels:
             continue
         n = int(shape.GetNumberOfPixels(lbl))
-        if keep is not None and not keep(n, n * voxel_mm3):
-            continue
         x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
         centre_lps = list(shape.GetCentroid(lbl))
         crop = np.asarray(lab_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx]) == lbl
@@ -190,31 +186,22 @@ def extract_candidates(
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
     components = sitk.ConnectedComponent(sitk.BinaryThreshold(probability, float(threshold), 1e9, 1, 0), True)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(components)
+    voxel_mm3 = float(np.prod(probability.GetSpacing()))
+    kept = {int(lbl) for lbl in shape.GetLabels() if shape.GetNumberOfPixels(lbl) * voxel_mm3 >= min_volume_mm3}
     if segment_threshold is not None and segment_threshold < threshold:
-        shape = sitk.LabelShapeStatisticsImageFilter()
-        shape.Execute(components)
-        voxel_mm3 = float(np.prod(probability.GetSpacing()))
         regions = sitk.ConnectedComponent(sitk.BinaryThreshold(probability, float(segment_threshold), 1e9, 1, 0), True)
         core_arr, region_arr = sitk.GetArrayViewFromImage(components), sitk.GetArrayViewFromImage(regions)
-        kept = set()  # the regions that hold a core of at least min_volume_mm3
-        for lbl in shape.GetLabels():
-            if shape.GetNumberOfPixels(lbl) * voxel_mm3 >= min_volume_mm3:
-                x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
-                box = (slice(z0, z0 + sz), slice(y0, y0 + sy), slice(x0, x0 + sx))
-                kept.add(int(region_arr[box][core_arr[box] == lbl][0]))
+        cores, kept = kept, set()  # the regions that hold a core of at least min_volume_mm3
+        for lbl in cores:
+            x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
+            box = (slice(z0, z0 + sz), slice(y0, y0 + sy), slice(x0, x0 + sx))
+            kept.add(int(region_arr[box][core_arr[box] == lbl][0]))
         components = regions
-        if split_depth_mm:
-            components, kept = split_at_necks(components, kept, probability, threshold, min_volume_mm3, split_depth_mm)
-        raw = measure_candidates(components, ct_hu, probability, labels=kept)
-    elif split_depth_mm:
-        shape = sitk.LabelShapeStatisticsImageFilter()
-        shape.Execute(components)
-        voxel_mm3 = float(np.prod(probability.GetSpacing()))
-        kept = {int(lbl) for lbl in shape.GetLabels() if shape.GetNumberOfPixels(lbl) * voxel_mm3 >= min_volume_mm3}
+    if split_depth_mm:
         components, kept = split_at_necks(components, kept, probability, threshold, min_volume_mm3, split_depth_mm)
-        raw = measure_candidates(components, ct_hu, probability, labels=kept)
-    else:
-        raw = measure_candidates(components, ct_hu, probability, keep=lambda voxels, volume: volume >= min_volume_mm3)
+    raw = measure_candidates(components, ct_hu, probability, labels=kept)
     raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
     raw = raw[:max_candidates]
     labelmap = relabel(components, raw)
@@ -273,7 +260,9 @@ def split_at_necks(
         if n_markers < 2:
             kept.add(int(lbl))
             continue
-        flood = lambda seeds: sitk.GetArrayFromImage(sitk.Mask(sitk.MorphologicalWatershedFromMarkers(sitk.InvertIntensity(depth, 1e3), seeds, False, True), mask))
+        def flood(seeds: sitk.Image) -> np.ndarray:  # watershed of the inverted depth from these seeds, inside the region
+            return sitk.GetArrayFromImage(sitk.Mask(sitk.MorphologicalWatershedFromMarkers(sitk.InvertIntensity(depth, 1e3), seeds, False, True), mask))
+
         parts = flood(markers)
         core = region & (prob[box] >= threshold)
         counts = np.bincount(parts[core].ravel(), minlength=n_markers + 1)
