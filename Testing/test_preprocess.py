@@ -37,6 +37,11 @@ def test_scale_intensity():
     hu = np.array([-2000.0, -1000.0, -300.0, 400.0, 3000.0])
     np.testing.assert_allclose(scale_intensity(hu, (-1000, 400)), [0, 0, 0.5, 1, 1])
     np.testing.assert_array_equal(scale_intensity_uint8(hu, (-1000, 400)), [0, 0, 128, 255, 255])
+    from LungNoduleAILib.intensity import uint8_to_hu
+
+    np.testing.assert_allclose(uint8_to_hu(np.array([0, 255], np.uint8), (-1000, 400)), [-1000.0, 400.0])
+    levels = np.arange(256, dtype=np.uint8)  # back to HU and scaled again: every level unchanged
+    np.testing.assert_array_equal(scale_intensity_uint8(uint8_to_hu(levels, (-1000, 400)), (-1000, 400)), levels)
 
 
 def test_lung_crop_on_real_scan_contains_the_nodule():

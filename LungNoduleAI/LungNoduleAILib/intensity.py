@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["scale_intensity", "scale_intensity_uint8"]
+__all__ = ["scale_intensity", "scale_intensity_uint8", "uint8_to_hu"]
 
 
 def scale_intensity(array_hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
@@ -21,3 +21,9 @@ def scale_intensity(array_hu: np.ndarray, window_hu: Sequence[float]) -> np.ndar
 def scale_intensity_uint8(array_hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
     """Like :func:`scale_intensity` but quantised to uint8 0..255 (for compact data packs)."""
     return np.round(scale_intensity(array_hu, window_hu) * 255.0).astype(np.uint8)
+
+
+def uint8_to_hu(array_u8: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
+    """The inverse of :func:`scale_intensity_uint8`: 0..255 back to HU within ``window_hu`` (float32)."""
+    low, high = float(window_hu[0]), float(window_hu[1])
+    return np.asarray(array_u8).astype(np.float32) * ((high - low) / 255.0) + low

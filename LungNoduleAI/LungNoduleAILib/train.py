@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from .model import ModelSpec, build_network, read_weights, save_model
-from .intensity import scale_intensity_uint8
+from .intensity import scale_intensity_uint8, uint8_to_hu
 
 __all__ = ["mine_hard_negatives", "validation_series", "TrainingData", "prepare_training_data", "load_pack", "save_pack", "train", "cube_detection_stats", "lidc_marked_points_lps"]
 
@@ -329,14 +329,12 @@ class PatchSampler:
             if len(data.contexts) == len(data.cubes):
                 contexts = np.asarray(data.contexts)[idx]
             else:  # an older pack: tell them from the uint8 cubes
-                lo, hi = hu_window
-                contexts = np.array([nodule_context(c.astype(np.float32) * ((hi - lo) / 255.0) + lo, m) for c, m in zip(self.cubes, self.masks)])
+                contexts = np.array([nodule_context(uint8_to_hu(c, hu_window), m) for c, m in zip(self.cubes, self.masks)])
             attached = contexts != "isolated"
             w = w * np.where(attached, attached_weight, 1.0)
             log.info("%d of %d training nodules touch the pleura or a vessel; drawn %.1fx as often.", int(attached.sum()), len(attached), attached_weight)
         if faint_weight != 1.0:  # and faint ones (ground-glass, part-solid, small and blurred)
-            lo, hi = hu_window
-            faint = np.array([nodule_density(c.astype(np.float32) * ((hi - lo) / 255.0) + lo, m) == "faint" for c, m in zip(self.cubes, self.masks)])
+            faint = np.array([nodule_density(uint8_to_hu(c, hu_window), m) == "faint" for c, m in zip(self.cubes, self.masks)])
             w = w * np.where(faint, faint_weight, 1.0)
             log.info("%d of %d training nodules are faint (mean < %.0f HU); drawn %.1fx as often.", int(faint.sum()), len(faint), FAINT_MEAN_HU, faint_weight)
         self.nodule_p = w / w.sum()
