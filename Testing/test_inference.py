@@ -44,3 +44,21 @@ def test_cancel_raises(tiny_model):
     with pytest.raises(DetectionCancelled):
         SlidingWindowPredictor(tiny_model.network, (32, 32, 32))(vol, should_cancel=should_cancel)
     assert len(seen) == 3
+
+
+def test_test_time_flips_average_the_flipped_passes(tiny_model):
+    """flip_axes: one window's probability is the mean of the plain pass and each pass on the flipped window, flipped back."""
+    vol = np.random.default_rng(2).random((32, 32, 32)).astype(np.float32)
+    plain = SlidingWindowPredictor(tiny_model.network, (32, 32, 32))
+    flipped_x = np.flip(plain(np.flip(vol, 2).copy()), 2)
+    flipped_zy = np.flip(plain(np.flip(vol, (0, 1)).copy()), (0, 1))
+    assert np.abs(flipped_x - plain(vol)).max() > 1e-3  # a random network is not symmetric: the test can tell
+    tta = SlidingWindowPredictor(tiny_model.network, (32, 32, 32), flip_axes=[[2], [0, 1]])(vol)
+    np.testing.assert_allclose(tta, (plain(vol) + flipped_x + flipped_zy) / 3, atol=1e-6)
+    assert tta.shape == vol.shape and tta.dtype == np.float32
+
+
+@pytest.mark.parametrize("axes", [[3], [], [1, 1]])
+def test_test_time_flips_refuse_bad_axes(tiny_model, axes):
+    with pytest.raises(ValueError, match="Test-time flip axes"):
+        SlidingWindowPredictor(tiny_model.network, (32, 32, 32), flip_axes=[axes])

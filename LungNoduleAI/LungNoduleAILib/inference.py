@@ -44,14 +44,30 @@ class SlidingWindowPredictor:
         overlap: window overlap fraction.
         device: torch device string the network sits on (``cpu``, ``cuda``...).
         sw_batch_size: windows per forward pass; ``None`` picks from free GPU memory (1 on CPU).
+        flip_axes: test-time flips: each entry is a tuple of spatial axes (0 = z, 1 = y,
+            2 = x) to flip a window along; the window's probability is the mean over the
+            unflipped window and each flipped one (flipped back). Each entry costs one more
+            forward pass per window. Empty: no test-time augmentation.
     """
 
-    def __init__(self, network, roi_size: Sequence[int], overlap: float = 0.25, device: str = "cpu", sw_batch_size: int | None = None):
+    def __init__(
+        self,
+        network,
+        roi_size: Sequence[int],
+        overlap: float = 0.25,
+        device: str = "cpu",
+        sw_batch_size: int | None = None,
+        flip_axes: Sequence[Sequence[int]] = (),
+    ):
         self.network = network
         self.roi_size = tuple(int(r) for r in roi_size)
         self.overlap = overlap
         self.device = device
         self.sw_batch_size = sw_batch_size or self._auto_batch()
+        self.flip_axes = tuple(tuple(int(a) for a in axes) for axes in flip_axes)
+        for axes in self.flip_axes:
+            if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+                raise ValueError(f"Test-time flip axes {list(axes)} are not valid: give distinct spatial axes among 0 (z), 1 (y), 2 (x).")
 
     def _auto_batch(self) -> int:
         import torch
@@ -96,11 +112,14 @@ class SlidingWindowPredictor:
             if should_cancel is not None and should_cancel():
                 raise DetectionCancelled("Detection cancelled by the user.")
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                out = self.network(x)
+                prob = torch.sigmoid(self.network(x).float())
+                for axes in self.flip_axes:
+                    dims = [a + 2 for a in axes]
+                    prob += torch.sigmoid(self.network(x.flip(dims)).float()).flip(dims)
             done[0] = min(total, done[0] + x.shape[0])
             if progress is not None:
                 progress(done[0], total, "inference")
-            return torch.sigmoid(out.float())
+            return prob / (1 + len(self.flip_axes))
 
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         with torch.inference_mode():
@@ -129,6 +148,7 @@ def sliding_window_probability(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCallback | None = None,
     sw_batch_size: int | None = None,
+    flip_axes: Sequence[Sequence[int]] = (),
 ) -> np.ndarray:
     """Function form of :class:`SlidingWindowPredictor` (same arguments, same result)."""
-    return SlidingWindowPredictor(network, roi_size, overlap, device, sw_batch_size)(volume, progress, should_cancel)
+    return SlidingWindowPredictor(network, roi_size, overlap, device, sw_batch_size, flip_axes)(volume, progress, should_cancel)

@@ -41,6 +41,10 @@ class ModelSpec:
         hu_window: HU range ``(low, high)`` clipped and scaled to [0, 1].
         roi_size: sliding-window size ``(z, y, x)`` voxels (divisible by 2**len(strides)).
         overlap: sliding-window overlap fraction.
+        tta_flips: test-time flips, each a list of spatial axes (0 = z, 1 = y, 2 = x);
+            the probability is averaged over the plain and each flipped pass (see
+            :class:`.inference.SlidingWindowPredictor`). Each one adds a full
+            network pass. Empty: none.
         threshold: default probability threshold for candidates.
         min_volume_mm3: candidates smaller than this (above ``threshold``) are dropped.
         segment_threshold: a candidate's voxels are its region of ``p >=
@@ -65,6 +69,7 @@ class ModelSpec:
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])
     roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     overlap: float = 0.25
+    tta_flips: list[list[int]] = field(default_factory=list)
     threshold: float = 0.5
     min_volume_mm3: float = 5.0
     segment_threshold: float | None = None
