@@ -1,4 +1,4 @@
-"""The ``lungnoduleai`` command line: detect, demo, evaluate, export, train, pack.
+"""The ``lungnoduleai`` command line: detect, demo, evaluate, export, train, pack, average.
 
 Exit status: 0 all inputs processed; 1 at least one input failed (the
 others were still processed); 2 bad command line; 3 cancelled (Ctrl-C).
@@ -117,6 +117,34 @@ def _add_pack(sub) -> None:
     p.add_argument("--scan-margin", type=int, default=None, help="crop scans to the lungs' bounding box plus this many voxels (>= half the training patch)")
 
 
+def _add_average(sub) -> None:
+    p = sub.add_parser(
+        "average",
+        help="average the weights of fine-tunes of one model (a model soup)",
+        description="Write a model whose weights are the mean of the given models' weights (same architecture; meant for fine-tunes "
+        "from one start). Settings (threshold, preprocessing, candidates) come from the first model.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL.json", help="two or more model metadata files")
+    p.add_argument("--output", required=True, help="metadata .json of the averaged model (the .pt is written beside it)")
+    p.add_argument("--version", default=None, help="version of the averaged model (default: the first model's)")
+
+
+def _run_average(args) -> int:
+    from .model import average_models
+
+    if Path(args.output).with_suffix(".json").resolve() in {Path(m).with_suffix(".json").resolve() for m in args.models}:
+        print(f"error: --output {args.output} is one of the models being averaged; write the average elsewhere.", file=sys.stderr)
+        return 2
+    command = "lungnoduleai " + " ".join(shlex.quote(a) for a in args.argv)
+    try:
+        path = average_models(args.models, args.output, version=args.version, command=command)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (average of {len(args.models)} models)")
+    return 0
+
+
 def _add_detect(sub) -> None:
     p = sub.add_parser(
         "detect",
@@ -216,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_train(sub)
     _add_pack(sub)
+    _add_average(sub)
     return parser
 
 
@@ -354,7 +383,7 @@ def _run_train(args) -> int:
         return 2
     scans = [s for s in args.scans.split(",") if s]
     data = load_pack(args.pack) if args.pack else prepare_training_data(args.data_dir, spec, scans, seed=args.seed)
-    command = "lungnoduleai " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "lungnoduleai " + " ".join(shlex.quote(a) for a in args.argv)
     record = train(
         data, args.output, spec, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
         patch=args.patch, lr=args.lr, seed=args.seed, device=args.device, val_every=args.val_every, init=args.init, command=command,
@@ -388,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with trained and averaged models
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"detect": _run_detect, "demo": _run_demo, "evaluate": _run_evaluate, "export": _run_export, "train": _run_train, "pack": _run_pack}
+    handlers = {"detect": _run_detect, "demo": _run_demo, "evaluate": _run_evaluate, "export": _run_export, "train": _run_train, "pack": _run_pack, "average": _run_average}
     return handlers[args.command](args)
 
 

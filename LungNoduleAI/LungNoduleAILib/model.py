@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "LoadedModel", "build_network", "read_weights", "load_model", "save_model", "default_model_path", "file_sha256"]
+__all__ = ["ModelSpec", "LoadedModel", "build_network", "read_weights", "load_model", "save_model", "average_models", "default_model_path", "file_sha256"]
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 DEFAULT_MODEL_NAME = "lung_nodule_unet.json"
@@ -195,3 +195,63 @@ def save_model(network, spec: ModelSpec, json_path: str | os.PathLike) -> Path:
     torch.save(state, jp.with_suffix(".pt"))
     spec.to_json(jp)
     return jp
+
+
+def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, version: str | None = None, command: str | None = None) -> Path:
+    """Write the uniform average of several models' weights (a "model soup").
+
+    Meant for fine-tunes of one model (same start, other seeds or sampling
+    settings): their weights lie in one basin, and the average usually ranks
+    better than each of them, at no cost at run time. Floating-point tensors
+    (weights, biases, batch-norm running statistics) are averaged in float32;
+    integer ones (batch-norm step counters) are taken from the first model.
+    Everything else (architecture, preprocessing, threshold, candidate
+    settings) is the first model's.
+
+    Args:
+        paths: two or more model metadata ``.json`` files with the same architecture.
+        output: metadata ``.json`` path of the averaged model (its ``.pt`` goes beside it).
+        version: version of the new model (default: the first model's).
+        command: command line recorded in the training record.
+
+    Returns:
+        The written metadata path.
+
+    Raises:
+        ValueError: fewer than two models, a missing file, or models whose
+            architectures or tensors differ.
+    """
+    if len(paths) < 2:
+        raise ValueError(f"Averaging needs at least two models, got {len(paths)}: {[str(p) for p in paths]}.")
+    specs, states, shas = [], [], []
+    for path in paths:
+        p = Path(path).with_suffix(".json")
+        if not p.exists():
+            raise ValueError(f"Model metadata '{p}' not found.")
+        spec = ModelSpec.from_json(p)
+        weights = p.parent / spec.weights
+        if not weights.exists():
+            raise ValueError(f"Model weights '{weights}' (named in '{p}') not found.")
+        specs.append(spec)
+        states.append(read_weights(weights))
+        shas.append(file_sha256(weights))
+    first = states[0]
+    for path, spec, state in zip(paths[1:], specs[1:], states[1:]):
+        if spec.architecture != specs[0].architecture:
+            raise ValueError(f"'{path}' has architecture {spec.architecture}, '{paths[0]}' has {specs[0].architecture}: only models of one architecture can be averaged.")
+        if state.keys() != first.keys() or any(state[k].shape != first[k].shape for k in first):
+            raise ValueError(f"The weights of '{path}' do not match those of '{paths[0]}' tensor for tensor: only models of one architecture can be averaged.")
+    averaged = {k: (sum(s[k] for s in states) / len(states)) if v.is_floating_point() else v for k, v in first.items()}
+    net = build_network(specs[0])
+    net.load_state_dict(averaged)
+    spec = ModelSpec(**{k: v for k, v in asdict(specs[0]).items()})
+    spec.version = version or specs[0].version
+    spec.training = {
+        "method": "uniform average of the weights (and batch-norm statistics) of the models below",
+        "command": command,
+        "ingredients": [
+            {"model": str(Path(p)), "version": s.version, "sha256": sha, "training": s.training} for p, s, sha in zip(paths, specs, shas)
+        ],
+    }
+    return save_model(net, spec, output)
+
