@@ -14,35 +14,10 @@ from LungNoduleAILib.candidates import SPLIT_MAX_DIAMETER_MM
 from LungNoduleAILib.model import ModelSpec, file_sha256
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", type=Path)
-    ap.add_argument("figures", type=Path)
-    ap.add_argument("--bench", type=Path)
-    ap.add_argument("--notes", type=Path, help="markdown appended as 'Notes'")
-    args = ap.parse_args()
-    spec = ModelSpec.from_json(args.model)
-    fig = json.loads(args.figures.read_text())
-    weights = args.model.parent / spec.weights
-    t = spec.training
+def training_lines(t: dict) -> list:
+    """The card's lines for one training record (a model's ``training``)."""
     best = t.get("best_validation", {})
     lines = [
-        f"# Model card: {spec.name} {spec.version}",
-        "",
-        "Lung nodule segmentation network whose connected components above the threshold are the nodule candidates of LungNoduleAI.",
-        "",
-        "## Files",
-        f"- `{args.model.name}`: metadata (architecture, preprocessing, threshold, training record).",
-        f"- `{spec.weights}`: weights, float16 state_dict, {weights.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(weights)}`.",
-        "",
-        "## Architecture and preprocessing",
-        f"- MONAI `UNet` (3-D, 1 input and 1 output channel), {json.dumps(spec.architecture)}; its top layer is a plain transposed convolution (no norm/activation), so the logits are not squeezed.",
-        f"- Input: CT oriented to LPS, resampled to {spec.spacing_mm} mm, HU clipped to {spec.hu_window} and scaled to [0, 1]; restricted to the lungs' bounding box (+{spec.lung_margin_mm:g} mm) from a threshold/connected-component lung mask; probability set to 0 outside the closed lung mask dilated by 4 mm.",
-        f"- Sliding window {spec.roi_size} voxels, overlap {spec.overlap}, Gaussian blending. Candidates: components of p >= {spec.threshold} (default threshold) of at least {spec.min_volume_mm3:g} mm³"
-        + (f", each drawn as its connected region of p >= {spec.segment_threshold} (its segment, measurements and centre)." if spec.segment_threshold is not None else ".")
-        + (f" Regions under {SPLIT_MAX_DIAMETER_MM:g} mm made of blobs joined by a neck at least {spec.split_depth_mm} mm shallower are split, one candidate per blob with its own core (`split_at_necks`)." if spec.split_depth_mm else ""),
-        "",
-        "## Training",
         f"- Command: `{t.get('command', '?')}`",
         f"- Started from: `{t.get('init')}`" if t.get("init") else "- Started from: random initialisation",
         f"- Seed {t.get('seed')}, device {t.get('device')}, world size {t.get('world_size', 1)}, {t.get('total_minutes', '?')} minutes, patch {t.get('patch')}³, batch {t.get('batch_size')}, lr {t.get('lr')} ({t.get('optimizer')}), loss {t.get('loss')}.",
@@ -60,8 +35,51 @@ def main() -> None:
             f"- Checkpoint kept: best validation score = sensitivity - {sel['fp_weight']} x other candidates per cube - 5 x stray-voxel fraction"
             + (f" - {sel['scan_fp_weight']} x false responses in the training scans' lungs" if sel.get("scan_fp_weight") else "") + f", at p >= {sel['threshold']}."
         )
+    lines.append(f"- Validation split by series (seed {t.get('data', {}).get('split_seed')}): best in-training validation {json.dumps(best)}.")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", type=Path)
+    ap.add_argument("figures", type=Path)
+    ap.add_argument("--bench", type=Path)
+    ap.add_argument("--notes", type=Path, help="markdown appended as 'Notes'")
+    args = ap.parse_args()
+    spec = ModelSpec.from_json(args.model)
+    fig = json.loads(args.figures.read_text())
+    weights = args.model.parent / spec.weights
+    t = spec.training
+    lines = [
+        f"# Model card: {spec.name} {spec.version}",
+        "",
+        "Lung nodule segmentation network whose connected components above the threshold are the nodule candidates of LungNoduleAI.",
+        "",
+        "## Files",
+        f"- `{args.model.name}`: metadata (architecture, preprocessing, threshold, training record).",
+        f"- `{spec.weights}`: weights, float16 state_dict, {weights.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(weights)}`.",
+        "",
+        "## Architecture and preprocessing",
+        f"- MONAI `UNet` (3-D, 1 input and 1 output channel), {json.dumps(spec.architecture)}; its top layer is a plain transposed convolution (no norm/activation), so the logits are not squeezed.",
+        f"- Input: CT oriented to LPS, resampled to {spec.spacing_mm} mm, HU clipped to {spec.hu_window} and scaled to [0, 1]; restricted to the lungs' bounding box (+{spec.lung_margin_mm:g} mm) from a threshold/connected-component lung mask; probability set to 0 outside the closed lung mask dilated by 4 mm.",
+        f"- Sliding window {spec.roi_size} voxels, overlap {spec.overlap}, Gaussian blending"
+        + (f"; test-time flips along axes {spec.tta_flips} (0 = z, 1 = y, 2 = x), probabilities averaged with the plain pass" if spec.tta_flips else "")
+        + f". Candidates: components of p >= {spec.threshold} (default threshold) of at least {spec.min_volume_mm3:g} mm³"
+        + (f", each drawn as its connected region of p >= {spec.segment_threshold} (its segment, measurements and centre)." if spec.segment_threshold is not None else ".")
+        + (f" Regions under {SPLIT_MAX_DIAMETER_MM:g} mm made of blobs joined by a neck at least {spec.split_depth_mm} mm shallower are split, one candidate per blob with its own core (`split_at_necks`)." if spec.split_depth_mm else ""),
+        "",
+        "## Training",
+    ]
+    if t.get("ingredients"):
+        lines += [
+            f"- The weights are the {t['method']} (`lungnoduleai average`, `LungNoduleAILib.model.average_models`): fine-tunes of one model; the settings above are the first one's.",
+            f"- Command: `{t.get('command', '?')}`",
+        ]
+        for i, ing in enumerate(t["ingredients"], 1):
+            lines += ["", f"### Ingredient {i}: `{ing['model']}` (version {ing['version']}, sha256 `{ing['sha256'][:16]}…`)", *training_lines(ing["training"])]
+    else:
+        lines += training_lines(t)
     lines += [
-        f"- Validation split by series (seed {t.get('data', {}).get('split_seed')}): best in-training validation {json.dumps(best)}.",
         "",
         "## Evaluation (Testing/Scripts/evaluate_model.py)",
         f"Default threshold p >= {fig['threshold']}.",
