@@ -63,7 +63,9 @@ def test_average_refuses_what_cannot_be_averaged_and_never_overwrites_an_ingredi
     assert main(["average", str(a), str(tmp_path / "missing.json"), "--output", str(tmp_path / "x.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
     assert main(["average", str(a), str(b), "--output", str(a)]) == 2
-    assert "is one of the models" in capsys.readouterr().err
+    assert "one of the models being averaged" in capsys.readouterr().err
+    assert main(["average", str(a), str(b), "--output", str(a.with_suffix(".pt"))]) == 2
+    assert "one of the models being averaged" in capsys.readouterr().err
     assert file_sha256(a.with_suffix(".pt")) == before and not (tmp_path / "x.json").exists()
 
 

@@ -132,9 +132,6 @@ def _add_average(sub) -> None:
 def _run_average(args) -> int:
     from .model import average_models
 
-    if Path(args.output).with_suffix(".json").resolve() in {Path(m).with_suffix(".json").resolve() for m in args.models}:
-        print(f"error: --output {args.output} is one of the models being averaged; write the average elsewhere.", file=sys.stderr)
-        return 2
     command = "lungnoduleai " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         path = average_models(args.models, args.output, version=args.version, command=command)

@@ -157,13 +157,13 @@ def read_weights(path: str | os.PathLike) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> LoadedModel:
-    """Load a model from its metadata JSON (or a weights file with a JSON beside it).
+def _model_files(path: str | os.PathLike) -> tuple[Path, ModelSpec, Path]:
+    """A model's metadata path, its :class:`ModelSpec` and its weights path (a weights path finds the JSON beside it).
 
     Raises:
-        ValueError: the files are missing or do not match the architecture.
+        ValueError: either file is missing.
     """
-    p = Path(path) if path else default_model_path()
+    p = Path(path)
     if p.suffix != ".json":
         p = p.with_suffix(".json")
     if not p.exists():
@@ -172,6 +172,16 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> L
     weights = p.parent / spec.weights
     if not weights.exists():
         raise ValueError(f"Model weights '{weights}' (named in '{p}') not found.")
+    return p, spec, weights
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> LoadedModel:
+    """Load a model from its metadata JSON (or a weights file with a JSON beside it).
+
+    Raises:
+        ValueError: the files are missing or do not match the architecture.
+    """
+    p, spec, weights = _model_files(path if path else default_model_path())
     dev = resolve_device(device)
     net = build_network(spec)
     state = read_weights(weights)
@@ -218,20 +228,17 @@ def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, ve
         The written metadata path.
 
     Raises:
-        ValueError: fewer than two models, a missing file, or models whose
-            architectures or tensors differ.
+        ValueError: fewer than two models, a missing file, models whose
+            architectures or tensors differ, or an output that would overwrite one of them.
     """
     if len(paths) < 2:
         raise ValueError(f"Averaging needs at least two models, got {len(paths)}: {[str(p) for p in paths]}.")
     specs, states, shas = [], [], []
+    out_files = {Path(output).with_suffix(".json").resolve(), Path(output).with_suffix(".pt").resolve()}
     for path in paths:
-        p = Path(path).with_suffix(".json")
-        if not p.exists():
-            raise ValueError(f"Model metadata '{p}' not found.")
-        spec = ModelSpec.from_json(p)
-        weights = p.parent / spec.weights
-        if not weights.exists():
-            raise ValueError(f"Model weights '{weights}' (named in '{p}') not found.")
+        meta, spec, weights = _model_files(path)
+        if out_files & {meta.resolve(), weights.resolve()}:
+            raise ValueError(f"The output '{output}' would overwrite the files of '{path}', one of the models being averaged; write the average elsewhere.")
         specs.append(spec)
         states.append(read_weights(weights))
         shas.append(file_sha256(weights))
