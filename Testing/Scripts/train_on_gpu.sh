@@ -18,10 +18,13 @@
 #   d: the same from the bundled model.
 # Stage 3 (`train_on_gpu.sh 3`, prepared for the next GPU session; not run yet): the settings of
 # the 50-minute CPU fine-tune that made 1.3.0's weights (small nodules weighed more: --size-balance,
-# --small-weight; faint pasted nodules; a moving average of the weights), with GPU-sized batches:
+# --small-weight; faint pasted nodules; a moving average of the weights), with GPU-sized batches,
+# from the bundled model (1.4.0, itself an average of three CPU fine-tunes):
 #   e: fine-tune of the bundled model;
-#   f: the same with real faint nodules (mean < -450 HU, five of 1.3.1's six misses) drawn 3x as
-#      often (--faint-weight 3); on the CPU this gained a nodule but cost 4 cube false positives.
+#   f: the same with real faint nodules (mean < -450 HU) and nodules touching the pleura or a vessel
+#      drawn 3x as often (--faint-weight 3 --attached-weight 3), what 1.4.0 misses most;
+#   soup: the mean of the bundled model, e and f (`lungnoduleai average`), as 1.4.0 was made.
+# Score each here with Testing/Scripts/evaluate_model.py before bundling any.
 # Each writes its best checkpoint (by in-training validation) whenever it improves,
 # so a run cut short still leaves a model behind.
 set -uo pipefail
@@ -44,7 +47,7 @@ if [ "${1:-1}" = 3 ]; then
     stage3=(--val-every 500 --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
             --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/e/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/e.log" 2>&1 &
-    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --faint-weight 3 --output "$OUT/f/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/f.log" 2>&1 &
+    python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --faint-weight 3 --attached-weight 3 --output "$OUT/f/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/f.log" 2>&1 &
 elif [ "${1:-1}" = 2 ]; then
     stage2=(--val-every 500 --attached-weight 1.0 --mix 0.2,0.15,0.15,0.5 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage2[@]}" --output "$OUT/c/lung_nodule_unet.json" --init .devpack/b/lung_nodule_unet.json >"$OUT/c.log" 2>&1 &
@@ -55,4 +58,7 @@ else
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage1[@]}" --output "$OUT/b/lung_nodule_unet.json" --mine-with "$BUNDLED" --lr 1e-3 >"$OUT/b.log" 2>&1 &
 fi
 wait
+if [ "${1:-1}" = 3 ] && [ -f "$OUT/e/lung_nodule_unet.json" ] && [ -f "$OUT/f/lung_nodule_unet.json" ]; then
+    python3 -m LungNoduleAILib.cli average "$BUNDLED" "$OUT/e/lung_nodule_unet.json" "$OUT/f/lung_nodule_unet.json" --output "$OUT/soup/lung_nodule_unet.json" >"$OUT/soup.log" 2>&1
+fi
 tail -n 2 "$OUT"/*.log
