@@ -216,6 +216,26 @@ def test_train_saves_a_loadable_model_with_its_record(tmp_path, few_cubes):
     assert (tmp_path / "m_training_log.jsonl").exists()
 
 
+def test_save_last_keeps_the_last_step_beside_the_best(tmp_path, few_cubes):
+    """save_last: <stem>_last.json/.pt hold the last step's weights with their own record; the best model's files stay its own."""
+    import torch
+
+    spec = ModelSpec(architecture=TINY)
+    train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test", save_last=True)
+    best, last = ModelSpec.from_json(tmp_path / "m.json"), ModelSpec.from_json(tmp_path / "m_last.json")
+    assert (best.weights, last.weights) == ("m.pt", "m_last.pt")
+    assert "checkpoint" not in best.training and best.training["best_validation"]["step"] in (2, 4)
+    assert last.training["checkpoint"] == "last" and last.training["last_validation"]["step"] == 4
+    assert "best_validation" not in last.training and len(last.training["history"]) == 2
+    # the last weights are the network after step 4: not the initial ones
+    torch.manual_seed(0)
+    from LungNoduleAILib.model import build_network
+
+    initial = build_network(spec).state_dict()
+    trained = load_model(tmp_path / "m_last.json", "cpu").network.state_dict()
+    assert any((trained[k].float() - initial[k].float()).abs().max() > 1e-4 for k in initial if initial[k].is_floating_point())
+
+
 def test_cube_detection_stats():
     mask = np.zeros((20, 20, 20), np.uint8)
     mask[8:12, 8:12, 8:12] = 1

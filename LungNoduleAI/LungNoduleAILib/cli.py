@@ -98,6 +98,7 @@ def _add_train(sub) -> None:
     p.add_argument("--faint-fraction", type=float, default=0.0, help="fraction of pasted nodules made faint (35-70 %% of their contrast, like ground-glass nodules; default: %(default)s)")
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--faint-weight", type=float, default=1.0, help="draw faint nodules (mean below -450 HU in their mask: ground-glass, part-solid, small and blurred) this many times as often (default: %(default)s)")
+    p.add_argument("--save-last", action="store_true", help="also save the last step's weights as <output>_last.json/.pt (e.g. to average several runs with 'lungnoduleai average')")
     p.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the weights with this decay per step, e.g. 0.998 (default: %(default)s = off)")
     p.add_argument("--size-balance", type=float, default=0.0, metavar="VOXELS",
                    help="weigh the labelled voxels of a patch with n of them VOXELS/n times (1-10x) in the cross-entropy, so small nodules count more; e.g. 500, a 10 mm nodule (default: %(default)s = off)")
@@ -387,7 +388,7 @@ def _run_train(args) -> int:
         mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold, attached_weight=args.attached_weight,
         workers=args.workers, mine_with=args.mine_with, mix=mix, fp_weight=args.fp_weight, scan_fp_weight=args.scan_fp_weight,
         faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
-        faint_weight=args.faint_weight,
+        faint_weight=args.faint_weight, save_last=args.save_last,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

@@ -32,7 +32,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -736,6 +736,7 @@ def train(
     ema: float = 0.0,
     size_balance_voxels: float = 0.0,
     faint_weight: float = 1.0,
+    save_last: bool = False,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -762,6 +763,10 @@ def train(
     the batch-norm statistics) with this decay per step, starting at the
     initial weights, is what is validated and saved; it smooths the
     step-to-step swings of a short fine-tune.
+    ``save_last``: also save the weights of the last step as
+    ``<output stem>_last.json/.pt`` (record: ``checkpoint: "last"`` and
+    ``last_validation``), chosen by nothing but the end of the run, e.g. as
+    an ingredient of an average (``lungnoduleai average``).
 
     Returns:
         The final training record (also stored in the model's JSON).
@@ -891,6 +896,10 @@ def train(
         spec.training["history"] = history
         spec.training["total_minutes"] = round((time.time() - t0) / 60.0, 2)
         spec.to_json(out)
+        if save_last:
+            last_record = {k: v for k, v in spec.training.items() if k != "best_validation"}
+            last_record.update(checkpoint="last", last_validation=history[-1])
+            save_model(kept, replace(spec, training=last_record), out.with_name(out.stem + "_last.json"))
     if distributed:
         torch.distributed.destroy_process_group()
     return spec.training

@@ -23,7 +23,9 @@
 #   e: fine-tune of the bundled model;
 #   f: the same with real faint nodules (mean < -450 HU) and nodules touching the pleura or a vessel
 #      drawn 3x as often (--faint-weight 3 --attached-weight 3), what 1.4.0 misses most;
-#   soup: the mean of the bundled model, e and f (`lungnoduleai average`), as 1.4.0 was made.
+#   soup: the mean of the bundled model, e and f (`lungnoduleai average`), as 1.4.0 was made;
+#   e and f also keep their last step (e/lung_nodule_unet_last.json), to average without a
+#   checkpoint chosen on the validation cubes.
 # Score each here with Testing/Scripts/evaluate_model.py before bundling any.
 # Each writes its best checkpoint (by in-training validation) whenever it improves,
 # so a run cut short still leaves a model behind.
@@ -44,7 +46,7 @@ python3 -c "import torch, monai, numpy, scipy; print('torch', torch.__version__,
 common=(--pack "$PACK" --device cuda --workers "$WORKERS" --batch-size 32 --max-minutes "$MINUTES" --steps 1000000
         --seed 0 --mine-hard-negatives --mine-threshold 0.3)
 if [ "${1:-1}" = 3 ]; then
-    stage3=(--val-every 500 --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
+    stage3=(--val-every 500 --save-last --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
             --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/e/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/e.log" 2>&1 &
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --faint-weight 3 --attached-weight 3 --output "$OUT/f/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/f.log" 2>&1 &
