@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,14 +251,11 @@ def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, ve
     averaged = {k: (sum(s[k] for s in states) / len(states)) if v.is_floating_point() else v for k, v in first.items()}
     net = build_network(specs[0])
     net.load_state_dict(averaged)
-    spec = ModelSpec(**{k: v for k, v in asdict(specs[0]).items()})
-    spec.version = version or specs[0].version
-    spec.training = {
+    record = {
         "method": "uniform average of the weights (and batch-norm statistics) of the models below",
         "command": command,
         "ingredients": [
             {"model": str(Path(p)), "version": s.version, "sha256": sha, "training": s.training} for p, s, sha in zip(paths, specs, shas)
         ],
     }
-    return save_model(net, spec, output)
-
+    return save_model(net, replace(specs[0], version=version or specs[0].version, training=record), output)
