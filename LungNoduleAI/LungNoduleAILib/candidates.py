@@ -234,23 +234,25 @@ def split_at_necks(
         depth_mm: h of the h-maxima of the depth (distance to the border, mm).
 
     Returns:
-        ``(labelmap, labels)``: a copy of ``labelmap`` with new labels for the parts, and the candidate labels.
+        ``(labelmap, labels)``: a copy of ``labelmap`` with new labels for the parts (``labelmap``
+        itself when nothing was split), and the candidate labels.
     """
-    out = sitk.GetArrayFromImage(labelmap).astype(np.uint32)
+    arr = sitk.GetArrayViewFromImage(labelmap)
+    out = None  # a copy of the labelmap, made at the first split (most calls split nothing)
     prob = sitk.GetArrayViewFromImage(probability)
     spacing = labelmap.GetSpacing()
     voxel_mm3 = float(np.prod(spacing))
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(sitk.Cast(labelmap, sitk.sitkUInt32))
     max_voxels = math.pi / 6.0 * SPLIT_MAX_DIAMETER_MM**3 / voxel_mm3
-    kept, next_label = set(), int(out.max()) + 1
+    kept = set()
     for lbl in labels:
         if shape.GetNumberOfPixels(int(lbl)) >= max_voxels:
             kept.add(int(lbl))
             continue
         x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(int(lbl))
         box = (slice(max(z0 - 1, 0), z0 + sz + 1), slice(max(y0 - 1, 0), y0 + sy + 1), slice(max(x0 - 1, 0), x0 + sx + 1))
-        region = out[box] == lbl
+        region = arr[box] == lbl
         mask = sitk.GetImageFromArray(region.astype(np.uint8))
         mask.SetSpacing(spacing)
         depth = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
@@ -260,10 +262,7 @@ def split_at_necks(
         if n_markers < 2:
             kept.add(int(lbl))
             continue
-        def flood(seeds: sitk.Image) -> np.ndarray:  # watershed of the inverted depth from these seeds, inside the region
-            return sitk.GetArrayFromImage(sitk.Mask(sitk.MorphologicalWatershedFromMarkers(sitk.InvertIntensity(depth, 1e3), seeds, False, True), mask))
-
-        parts = flood(markers)
+        parts = _flood(depth, mask, markers)
         core = region & (prob[box] >= threshold)
         counts = np.bincount(parts[core].ravel(), minlength=n_markers + 1)
         good = [i for i in range(1, n_markers + 1) if counts[i] * voxel_mm3 >= min_volume_mm3]
@@ -274,15 +273,25 @@ def split_at_necks(
         seeds[~np.isin(seeds, good)] = 0
         seeds_img = sitk.GetImageFromArray(seeds.astype(np.uint32))
         seeds_img.CopyInformation(markers)
-        parts = flood(seeds_img)
+        parts = _flood(depth, mask, seeds_img)
+        if out is None:
+            out = arr.astype(np.uint32)
+            next_label = int(out.max()) + 1
         view = out[box]
         for i in good:
             view[(parts == i) & region] = next_label
             kept.add(next_label)
             next_label += 1
+    if out is None:
+        return labelmap, kept
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(labelmap)
     return img, kept
+
+
+def _flood(depth: sitk.Image, mask: sitk.Image, seeds: sitk.Image) -> np.ndarray:
+    """Watershed of the inverted depth from ``seeds``, inside ``mask``: the label of the seed each voxel drains to."""
+    return sitk.GetArrayFromImage(sitk.Mask(sitk.MorphologicalWatershedFromMarkers(sitk.InvertIntensity(depth, 1e3), seeds, False, True), mask))
 
 
 def relabel(labelmap: sitk.Image, candidates: list[Candidate]) -> sitk.Image:
