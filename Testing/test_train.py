@@ -58,6 +58,31 @@ def test_sampler_patches_contain_pasted_and_real_nodules(few_cubes):
     assert all(set(np.unique(l)) <= {0, 1} for _, l in patches)
 
 
+def test_pleural_pasting_puts_nodules_against_the_chest_wall(synthetic_cubes):
+    """--pleural-fraction: pasted nodules lean on the chest wall, and their masks stop at it."""
+    import dataclasses
+
+    from LungNoduleAILib.intensity import scale_intensity_uint8
+
+    cubes = synthetic_cubes.cubes.copy()
+    cubes[:, :, :, 40:] = scale_intensity_uint8(np.array([40.0]), (-1000.0, 400.0))[0]  # chest wall: x >= 40 of every cube
+    data = dataclasses.replace(synthetic_cubes, cubes=cubes)
+
+    def pastes(fraction: float) -> list[np.ndarray]:
+        sampler = PatchSampler(data, 48, seed=5, lung_max_u8=91, mix=(0, 1, 0, 0), pleural_fraction=fraction)
+        labels = [lab for _, lab in (sampler.sample() for _ in range(40)) if lab.any()]
+        assert len(labels) > 30
+        return labels
+
+    def touching(labels: list[np.ndarray]) -> float:
+        # patches are cut at offsets 0-2 of the 50-voxel cubes: the wall starts at patch x 38-40
+        return float(np.mean([np.nonzero(lab)[2].max() >= 36 for lab in labels]))
+
+    against, anywhere = pastes(1.0), pastes(0.0)
+    assert touching(against) >= 0.8 > 0.5 > touching(anywhere)
+    assert max(np.nonzero(lab)[2].max() for lab in against) < 40  # no nodule voxel labelled inside the wall
+
+
 def test_faint_pasting_lowers_nodule_contrast(synthetic_cubes):
     """--faint-fraction: pasted nodules keep 35-70 % of their contrast over the lung they are pasted into."""
 
@@ -343,6 +368,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
     assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--faint-weight", "0"]) == 2
     assert "--faint-weight is how many times as often" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--pleural-fraction", "1.5"]) == 2
+    assert "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 
 

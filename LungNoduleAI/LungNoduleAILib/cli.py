@@ -96,6 +96,7 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--mix", default="0.3,0.25,0.15,0.3", help="fractions of nodule-cube crops, pasted nodules, nodule-free cubes and full-scan lung patches (default: %(default)s)")
     p.add_argument("--faint-fraction", type=float, default=0.0, help="fraction of pasted nodules made faint (35-70 %% of their contrast, like ground-glass nodules; default: %(default)s)")
+    p.add_argument("--pleural-fraction", type=float, default=0.0, help="fraction of pasted nodules placed against the chest wall, mediastinum or diaphragm, their masks cut at the wall (juxtapleural; default: %(default)s)")
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--faint-weight", type=float, default=1.0, help="draw faint nodules (mean below -450 HU in their mask: ground-glass, part-solid, small and blurred) this many times as often (default: %(default)s)")
     p.add_argument("--save-last", action="store_true", help="also save the last step's weights as <output>_last.json/.pt (e.g. to average several runs with 'lungnoduleai average')")
@@ -376,6 +377,10 @@ def _run_train(args) -> int:
         if not value > 0:
             print(f"error: {name} is how many times as often such nodules are drawn and must be > 0 (1 = as often as others), got {value}", file=sys.stderr)
             return 2
+    for name, value in (("--faint-fraction", args.faint_fraction), ("--pleural-fraction", args.pleural_fraction)):
+        if not 0.0 <= value <= 1.0:
+            print(f"error: {name} is a fraction of the pasted nodules and must be in [0, 1], got {value}", file=sys.stderr)
+            return 2
     if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
         print(f"error: --mix needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{args.mix}'", file=sys.stderr)
         return 2
@@ -388,7 +393,7 @@ def _run_train(args) -> int:
         mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold, attached_weight=args.attached_weight,
         workers=args.workers, mine_with=args.mine_with, mix=mix, fp_weight=args.fp_weight, scan_fp_weight=args.scan_fp_weight,
         faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
-        faint_weight=args.faint_weight, save_last=args.save_last,
+        faint_weight=args.faint_weight, save_last=args.save_last, pleural_fraction=args.pleural_fraction,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

@@ -317,6 +317,7 @@ class PatchSampler:
     def __init__(
         self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
         hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0, faint_weight: float = 1.0,
+        pleural_fraction: float = 0.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -340,6 +341,7 @@ class PatchSampler:
         self.nodule_p = w / w.sum()
         self.lung_max_u8 = lung_max_u8
         self.faint_fraction = faint_fraction  # pasted nodules made faint (35-70 % of their contrast), like ground-glass nodules
+        self.pleural_fraction = pleural_fraction  # pasted nodules placed against thick tissue (chest wall, mediastinum, diaphragm)
         self.mix = np.array(mix) / np.sum(mix)
         self.scans = data.scans
         self.air = 0
@@ -398,7 +400,11 @@ class PatchSampler:
         lung = np.argwhere(vol < self.lung_max_u8)
         if lung.size == 0:
             return
-        dense_near = self.rng.random() < 0.4
+        thick = None
+        if self.rng.random() < self.pleural_fraction:
+            thick, spots = self._pleural_spots(vol, m)
+            lung = spots if len(spots) else lung  # no chest wall in this patch: anywhere in the lung
+        dense_near = thick is None and self.rng.random() < 0.4
         for _ in range(20):
             c = lung[int(self.rng.integers(len(lung)))]
             start = c - shape // 2
@@ -422,7 +428,29 @@ class PatchSampler:
         fg = np.maximum(img[s].astype(np.float32), bg)
         alpha = self.rng.uniform(0.35, 0.7) if self.rng.random() < self.faint_fraction else 1.0
         vol[d] = np.clip(bg + alpha * blend[s] * (fg - bg), 0, 255).astype(np.uint8)
-        lab[d] = np.maximum(lab[d], m[s])
+        label = m[s]
+        if thick is not None:  # a juxtapleural nodule's mask stops at the wall it leans on
+            label = label * (~thick[d])
+        lab[d] = np.maximum(lab[d], label)
+
+    def _pleural_spots(self, vol: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Thick tissue of a patch and the lung voxels where a nodule of ``mask``'s size would lean on it.
+
+        Thick tissue is soft tissue (above the lung's upper bound) that survives
+        an opening with a 3-voxel ball: chest wall, mediastinum, diaphragm, not
+        vessels. A spot is a lung voxel whose distance to it is 0.6-1.0 of the
+        nodule's equivalent radius, so the pasted nodule touches the wall.
+
+        Returns:
+            ``(thick (P, P, P) bool, spots (N, 3) int voxel indices)``.
+        """
+        thick = ndimage.binary_opening(vol > self.lung_max_u8, _ball(3))
+        if not thick.any():
+            return thick, np.zeros((0, 3), int)
+        radius = (3.0 * float((mask > 0).sum()) / (4.0 * np.pi)) ** (1.0 / 3.0)
+        dist = ndimage.distance_transform_edt(~thick)
+        near = (vol < self.lung_max_u8) & (dist >= 0.6 * radius) & (dist <= max(1.0 * radius, 0.6 * radius + 1.5))
+        return thick, np.argwhere(near)
 
     def _hard_cube_patch(self) -> tuple[np.ndarray, np.ndarray]:
         """A patch of a training cube centred (with jitter) on a place the model wrongly fired."""
@@ -737,6 +765,7 @@ def train(
     size_balance_voxels: float = 0.0,
     faint_weight: float = 1.0,
     save_last: bool = False,
+    pleural_fraction: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -757,6 +786,9 @@ def train(
     erased cubes alone, full-scan lung patches) in each batch.
     ``small_weight``: nodules under 6 mm are drawn (and pasted) this many times as often.
     ``faint_weight``: nodules whose mask averages below :data:`FAINT_MEAN_HU` are drawn (and pasted) this many times as often.
+    ``pleural_fraction``: this fraction of pasted nodules is placed against
+    the chest wall, mediastinum or diaphragm of the patch (juxtapleural), its
+    mask cut at the wall.
     ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
     voxels of small nodules more (:func:`size_balanced_weights`).
     ``ema``: when > 0, an exponential moving average of the weights (and of
@@ -812,7 +844,7 @@ def train(
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
     sampler = PatchSampler(
         data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction, small_weight=small_weight,
-        faint_weight=faint_weight,
+        faint_weight=faint_weight, pleural_fraction=pleural_fraction,
     )
     averaged = None
     if ema > 0:
@@ -881,6 +913,7 @@ def train(
                     "faint_fraction": faint_fraction,
                     "small_weight": small_weight,
                     "faint_weight": faint_weight,
+                    "pleural_fraction": pleural_fraction,
                     "ema": ema,
                     "size_balance_voxels": size_balance_voxels,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},

@@ -27,7 +27,9 @@ def training_lines(t: dict) -> list:
         "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
     ]
     if t.get("mix"):
-        lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; faint pasted nodules {t.get('faint_fraction', 0.0)}; patches drawn by {t.get('workers', 0)} worker processes."
+        lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; faint pasted nodules {t.get('faint_fraction', 0.0)}; "
+                     + (f"pasted nodules placed against the chest wall, mediastinum or diaphragm (masks cut at the wall) {t['pleural_fraction']}; " if t.get("pleural_fraction") else "")
+                     + f"patches drawn by {t.get('workers', 0)} worker processes."
                      + (f" Weights kept as an exponential moving average (decay {t['ema']} per step)." if t.get("ema") else ""))
     if t.get("selection"):
         sel = t["selection"]
