@@ -1,6 +1,6 @@
 """Figures for a model card: held-out cubes, and false candidates on the full scans.
 
-    .venv/bin/python Testing/Scripts/evaluate_model.py --data-dir ../shared/data [--model M.json] [--threshold P] [--output figures.json]
+    .venv/bin/python Testing/Scripts/evaluate_model.py --data-dir ../shared/data [--model M.json] [--threshold P] [--training-split] [--output figures.json]
 
 * Validation cubes: the series the training split held out (same seed and
   fraction as ``lungnoduleai train``); each cube runs through the full engine
@@ -13,6 +13,9 @@
   Each validation nodule is also sorted by its surroundings (see
   ``LungNoduleAILib.train.nodule_context``): attached to the pleura/mediastinum, attached to a
   vessel, or isolated, and the sensitivity is given for each.
+  ``--training-split`` scores the training series' cubes the same way
+  instead: not a held-out figure, but it tells whether the network misses a
+  kind of nodule even where it trained, or fits it and fails to generalise.
 * Full scans (LIDC-IDRI-0001, -0002): the LUNA16 reference nodules, whether
   the top-ranked candidate is one, and the false positives as LUNA16 counts
   them: candidates on no reference nodule and on no "irrelevant finding"
@@ -44,10 +47,11 @@ SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 """Thresholds of the sweep (from one run at the lowest: max probability of each candidate >= t)."""
 
 
-def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15) -> list[dict]:
+def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15, training: bool = False) -> list[dict]:
+    """cubes.csv rows of the validation series (or, with ``training``, of the training series)."""
     rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
     val = validation_series([r["seriesuid"] for r in rows], val_fraction, seed)
-    return [r for r in rows if r["seriesuid"] in val]
+    return [r for r in rows if (r["seriesuid"] in val) != training]
 
 
 def _rates(counts: dict) -> dict:
@@ -55,8 +59,8 @@ def _rates(counts: dict) -> dict:
     return {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in counts.items()}
 
 
-def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: int, froc_threshold: float) -> dict:
-    rows = val_cubes(data_dir, seed)
+def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: int, froc_threshold: float, training: bool = False) -> dict:
+    rows = val_cubes(data_dir, seed, training=training)
     found, others, by_size = 0, 0, {"<6mm": [0, 0], ">=6mm": [0, 0]}
     by_context = {c: [0, 0] for c in NODULE_CONTEXTS}
     by_density = {c: [0, 0] for c in NODULE_DENSITIES}
@@ -169,13 +173,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cubes", action="store_true")
     ap.add_argument("--excluded-csv", type=Path, default=None, help="also write the full scans' LUNA16 excluded findings (from the XML) here, for lungnoduleai evaluate --excluded")
     ap.add_argument("--froc-threshold", type=float, default=0.05, help="candidates down to this probability feed the FROC curve")
+    ap.add_argument("--training-split", action="store_true", help="score the training series' cubes instead (key training_cubes): how well the network fits what it was trained on, not a held-out figure")
     args = ap.parse_args(argv)
     detector = Detector(args.model, "auto")
     threshold = args.threshold if args.threshold is not None else detector.model.spec.threshold
     figures = {"model": detector.model.spec.name, "version": detector.model.spec.version, "sha256": detector.model.sha256, "threshold": threshold}
     if not args.skip_cubes:
-        figures["validation_cubes"] = evaluate_cubes(detector, args.data_dir, threshold, args.seed, min(args.froc_threshold, threshold))
-        print(json.dumps({k: v for k, v in figures["validation_cubes"].items() if k != "missed"}), flush=True)
+        key = "training_cubes" if args.training_split else "validation_cubes"
+        figures[key] = evaluate_cubes(detector, args.data_dir, threshold, args.seed, min(args.froc_threshold, threshold), args.training_split)
+        print(json.dumps({k: v for k, v in figures[key].items() if k != "missed"}), flush=True)
     if args.excluded_csv:
         write_excluded_csv(args.data_dir / "scans", args.excluded_csv)
     scans = [evaluate_scan(detector, args.data_dir / "scans", c, threshold, min(args.froc_threshold, threshold)) for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
