@@ -7,7 +7,8 @@ is one of:
 * a nodule cube cropped at a random offset (the nodule off-centre);
 * a cube whose nodule was erased ("inpainted" with lung parenchyma) with a
   nodule from another training cube pasted at a random lung position,
-  next to the pleura or vessels as often as in open lung;
+  next to dense tissue (pleura, vessels) in 40 % of pastes, and leaning on
+  the chest wall, mediastinum or diaphragm in a ``pleural_fraction`` of them;
 * an erased cube alone (a nodule-free lung patch);
 * a patch from a full scan's lungs (half the centres on dense tissue inside
   the lung: vessels, pleura, fissures), with a pasted nodule in some.
