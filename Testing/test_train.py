@@ -58,6 +58,33 @@ def test_sampler_patches_contain_pasted_and_real_nodules(few_cubes):
     assert all(set(np.unique(l)) <= {0, 1} for _, l in patches)
 
 
+def test_erasing_a_juxtapleural_nodule_leaves_a_smooth_wall(synthetic_cubes):
+    """The erased cubes (negatives) keep the chest wall where a nodule leaned on it: no lung-coloured dent, and lung stays lung."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    from LungNoduleAILib.intensity import scale_intensity_uint8
+
+    wall_u8 = scale_intensity_uint8(np.array([40.0]), (-1000.0, 400.0))[0]
+    cubes = synthetic_cubes.cubes.copy()
+    walls = []
+    for n in range(12):  # each nodule (centre x 25, radius 3-6) overlaps a wall at x >= wall by 2 voxels
+        wall = 25 + (3 + n % 4) - 1
+        cubes[n][:, :, wall:] = wall_u8
+        walls.append(wall)
+    data = dataclasses.replace(synthetic_cubes, cubes=cubes)
+    sampler = PatchSampler(data, 48, seed=0, lung_max_u8=91)
+    x = np.arange(50)[None, None, :]
+    in_wall, in_lung = [], []
+    for k, n in enumerate(np.flatnonzero(~data.is_val)):
+        erased = ndimage.binary_dilation(data.masks[n] > 0, iterations=2)
+        in_wall.append(sampler.erased[k][erased & (x >= walls[n] + 2)] > 91)
+        in_lung.append(sampler.erased[k][erased & (x <= walls[n] - 3)] < 91)
+    assert np.concatenate(in_wall).mean() > 0.9  # the wall continues (before: all lung-coloured)
+    assert np.concatenate(in_lung).mean() > 0.95  # the nodule's lung side is lung, no bump left
+
+
 def test_pleural_pasting_puts_nodules_against_the_chest_wall(synthetic_cubes):
     """--pleural-fraction: pasted nodules lean on the chest wall, and their masks stop at it."""
     import dataclasses

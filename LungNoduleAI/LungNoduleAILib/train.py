@@ -361,12 +361,31 @@ class PatchSampler:
             self.scan_centres.append((np.argwhere(lung_b)[:: 7], np.argwhere(dense)[:: 3], pts))
 
     def _erase(self, cube: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The cube without its nodule: the mask (dilated by 2 voxels) filled with lung parenchyma.
+
+        Erased voxels clearly nearer thick tissue (chest wall, mediastinum,
+        diaphragm: soft tissue surviving an opening with a 3-voxel ball)
+        than lung take the nearest wall voxel's value instead, so a
+        juxtapleural nodule leaves a smooth pleura, neither a lung-coloured
+        dent in the wall nor a bump on it.
+        """
         m = ndimage.binary_dilation(mask > 0, _ball(2))
         out = cube.copy()
         lung_vals = cube[(cube < self.lung_max_u8) & (m == 0)]
         fill = np.median(lung_vals) if lung_vals.size else self.lung_max_u8 // 2
         noise = self.rng.normal(0, 4, size=int(m.sum()))
-        out[m > 0] = np.clip(fill + noise, 0, 255).astype(np.uint8)
+        values = fill + noise
+        nz = np.argwhere(m)
+        box = tuple(slice(max(0, a - 8), b + 9) for a, b in zip(nz.min(0), nz.max(0)))  # the mask and 8 voxels around it
+        c, mb = cube[box], m[box]
+        thick = ndimage.binary_opening((c > self.lung_max_u8) & ~mb, _ball(3))
+        lung = (c < self.lung_max_u8) & ~mb
+        if thick.any() and lung.any():
+            to_wall, nearest = ndimage.distance_transform_edt(~thick, return_indices=True)
+            to_lung = ndimage.distance_transform_edt(~lung)
+            wall = to_wall[mb] + 1.0 < to_lung[mb]  # clearly on the wall's side: no bump grows out of the wall
+            values = np.where(wall, c[tuple(i[mb] for i in nearest)] + noise, values)
+        out[m] = np.clip(values, 0, 255).astype(np.uint8)
         return out
 
     @staticmethod
