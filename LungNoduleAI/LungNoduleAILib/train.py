@@ -378,7 +378,7 @@ class PatchSampler:
         nz = np.argwhere(m)
         box = tuple(slice(max(0, a - 8), b + 9) for a, b in zip(nz.min(0), nz.max(0)))  # the mask and 8 voxels around it
         c, mb = cube[box], m[box]
-        thick = ndimage.binary_opening((c > self.lung_max_u8) & ~mb, _ball(3))
+        thick = _thick_tissue(np.where(mb, 0, c), self.lung_max_u8)
         lung = (c < self.lung_max_u8) & ~mb
         if thick.any() and lung.any():
             to_wall, nearest = ndimage.distance_transform_edt(~thick, return_indices=True)
@@ -464,7 +464,7 @@ class PatchSampler:
         Returns:
             ``(thick (P, P, P) bool, spots (N, 3) int voxel indices)``.
         """
-        thick = ndimage.binary_opening(vol > self.lung_max_u8, _ball(3))
+        thick = _thick_tissue(vol, self.lung_max_u8)
         if not thick.any():
             return thick, np.zeros((0, 3), int)
         radius = (3.0 * float((mask > 0).sum()) / (4.0 * np.pi)) ** (1.0 / 3.0)
@@ -725,6 +725,11 @@ def _ball(radius: int) -> np.ndarray:
     r = np.arange(-radius, radius + 1)
     z, y, x = np.meshgrid(r, r, r, indexing="ij")
     return np.sqrt(x * x + y * y + z * z) <= radius + 0.5
+
+
+def _thick_tissue(vol_u8: np.ndarray, lung_max_u8: int) -> np.ndarray:
+    """Chest wall, mediastinum and diaphragm of a uint8 patch: soft tissue (above the lung's upper bound) that survives an opening with a 3-voxel ball, which vessels do not."""
+    return ndimage.binary_opening(vol_u8 > lung_max_u8, _ball(3))
 
 
 def _components(binary: np.ndarray, min_voxels: int) -> list[tuple[np.ndarray, tuple]]:
