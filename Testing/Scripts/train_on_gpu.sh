@@ -16,7 +16,7 @@
 #   other candidates per cube and on false responses in the training scan's lungs;
 #   c: fine-tune of stage 1's b on its own hard negatives;
 #   d: the same from the bundled model.
-# Stage 3 (`train_on_gpu.sh 3`, prepared for the next GPU session; not run yet): the settings of
+# Stage 3 (`train_on_gpu.sh 3`, run once with MINUTES=7 on one H100; nothing kept, figures in the model card): the settings of
 # the 50-minute CPU fine-tune that made 1.3.0's weights (small nodules weighed more: --size-balance,
 # --small-weight; faint pasted nodules; a moving average of the weights), with GPU-sized batches,
 # from the bundled model (1.4.0, itself an average of three CPU fine-tunes):
@@ -29,6 +29,7 @@
 #   e and f also keep their last step (e/lung_nodule_unet_last.json), to average without a
 #   checkpoint chosen on the validation cubes.
 # Score each here with Testing/Scripts/evaluate_model.py before bundling any.
+# Where only a few files may come back, point OUT elsewhere and tar each of e, f and soup (~8 MB each).
 # Each writes its best checkpoint (by in-training validation) whenever it improves,
 # so a run cut short still leaves a model behind.
 set -uo pipefail
