@@ -115,6 +115,24 @@ def test_evaluate_cube_mode(tmp_path):
     assert report["operating_point"] == {**report["operating_point"], "sensitivity": 0.5, "fp_per_scan": 1.0}
 
 
+def test_cube_mode_ignores_a_neighbouring_nodule_of_the_same_series(tmp_path):
+    """Two cubes of one series 15 mm apart: a candidate on the neighbour's nodule is no false positive; in another series it is."""
+    res = tmp_path / "results"
+    res.mkdir()
+    _result(res / "a_nodules.json", "s1_dcm_0", [cand(0, 0.9), cand(15, 0.8)], origin=(-24.5, -24.5, -24.5))  # own nodule + the neighbour's
+    _result(res / "b_nodules.json", "s1_dcm_1", [cand(15, 0.9)], origin=(-9.5, -24.5, -24.5))  # centred at x = 15
+    _result(res / "c_nodules.json", "s2_dcm_0", [cand(0, 0.9), cand(15, 0.8)], origin=(-24.5, -24.5, -24.5))  # same layout, alone in its series
+    csv_path = tmp_path / "cubes.csv"
+    csv_path.write_text("image,mask,seriesuid,diameter_mm\ns1_dcm_0.mha,s1_seg_0.mha,s1,6\ns1_dcm_1.mha,s1_seg_1.mha,s1,6\ns2_dcm_0.mha,s2_seg_0.mha,s2,6\n")
+    from LungNoduleAILib.evaluate import read_results, scans_from_cubes
+
+    scans, _ = scans_from_cubes(read_results([res]), csv_path)
+    by_name = {s.name: s for s in scans}
+    assert by_name["s1_dcm_0"].fp_probs == [] and by_name["s1_dcm_0"].tp_probs == [0.9]
+    assert by_name["s1_dcm_1"].tp_probs == [0.9]
+    assert by_name["s2_dcm_0"].fp_probs == [0.8]
+
+
 def test_excluded_findings_from_the_lidc_xml_follow_luna16():
     import SimpleITK as sitk
 

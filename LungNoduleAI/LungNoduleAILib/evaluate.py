@@ -315,13 +315,16 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
     """Cube mode: each cube's reference nodule sits at the cube's centre, radius from ``cubes.csv``.
 
     Results are matched to cubes by input name (the cube image's file name
-    without extension); other candidates in a cube are false positives.
+    without extension); other candidates in a cube are false positives, except
+    those on the nodule of another cube of the same series (``seriesuid``)
+    whose centre lies in this cube: as LUNA16 counts hits on any reference
+    nodule, they count neither as hit nor as false positive.
     """
     rows = {}
     with open(cubes_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            rows[Path(row["image"]).name.split(".")[0]] = float(row["diameter_mm"])
-    scans, notes = [], []
+            rows[Path(row["image"]).name.split(".")[0]] = (float(row["diameter_mm"]), row.get("seriesuid", ""))
+    cubes, notes = [], []
     for key, report in results.items():
         name = report["input"]["name"]
         if name not in rows:
@@ -330,10 +333,20 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
         size = np.array(report["input"]["size_ijk"], dtype=float)
         spacing = np.array(report["input"]["spacing_mm"], dtype=float)
         direction = np.array(report["input"]["direction"], dtype=float).reshape(3, 3)
-        centre = np.array(report["input"]["origin_lps_mm"]) + direction @ (spacing * (size - 1) / 2.0)
-        scans.append(match_scan(name, report["candidates"], [Finding(tuple(centre), rows[name])]))
-    if not scans:
+        origin = np.array(report["input"]["origin_lps_mm"], dtype=float)
+        centre = origin + direction @ (spacing * (size - 1) / 2.0)
+        cubes.append((name, report, Finding(tuple(centre), rows[name][0]), rows[name][1], (origin, direction * spacing, size)))
+    if not cubes:
         raise ValueError(f"No result matches a cube listed in {cubes_csv}.")
+    scans = []
+    for name, report, nodule, series, (origin, axes, size) in cubes:
+        neighbours = []
+        for other, _, finding, other_series, _ in cubes:
+            if other != name and series and other_series == series:
+                index = np.linalg.solve(axes, np.asarray(finding.center_mm) - origin)
+                if np.all(index >= -0.5) and np.all(index <= size - 0.5):
+                    neighbours.append(finding)
+        scans.append(match_scan(name, report["candidates"], [nodule], neighbours))
     return scans, notes
 
 

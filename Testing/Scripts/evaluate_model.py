@@ -7,7 +7,9 @@
   (``Detector.detect``, whole cube, no lung crop). A nodule is found when a
   candidate's centre lies within the nodule's radius (cubes.csv) of the
   reference mask's centroid (robust for cubes cut short at the scan edge);
-  every other candidate is a false one. Found and other candidates come from
+  a candidate on another LUNA16 nodule of the same series that lies in the
+  cube (``other_references``) counts neither as hit nor as false, as LUNA16
+  counts hits on other nodules; every other candidate is a false one. Found and other candidates come from
   a run at the threshold (what a user gets); FROC/CPM per cube and the
   threshold sweep from the components of one run down to ``--froc-threshold``.
   Each validation nodule is also sorted by its surroundings (see
@@ -54,6 +56,35 @@ def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15, training: b
     return [r for r in rows if (r["seriesuid"] in val) != training]
 
 
+def other_references(data_dir: Path) -> dict[str, list[Finding]]:
+    """For each cube image, the other LUNA16 nodules of its series whose centre lies in the cube.
+
+    A cube holds its own nodule at its centre, but a neighbour of the same
+    series may lie in it too; its mask is not in the cube's mask.
+    """
+    rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
+    nodules, grids = {}, {}
+    for r in rows:
+        mask = sitk.ReadImage(str(data_dir / "cubes" / r["mask"]))
+        stats = sitk.LabelShapeStatisticsImageFilter()
+        stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
+        nodules[r["image"]] = (r["seriesuid"], Finding(tuple(stats.GetCentroid(1)), float(r["diameter_mm"])))
+        grids[r["image"]] = mask
+    out = {}
+    for image, (series, _) in nodules.items():
+        grid = grids[image]
+        size = np.array(grid.GetSize(), dtype=float)
+        inside = []
+        for other, (other_series, finding) in nodules.items():
+            if other == image or other_series != series:
+                continue
+            index = np.array(grid.TransformPhysicalPointToContinuousIndex(finding.center_mm))
+            if np.all(index >= -0.5) and np.all(index <= size - 0.5):
+                inside.append(finding)
+        out[image] = inside
+    return out
+
+
 def _rates(counts: dict) -> dict:
     """``{group: [found, n]}`` -> ``{group: {"found", "n", "sensitivity"}}``."""
     return {k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / max(1, v[1]), 4)} for k, v in counts.items()}
@@ -67,6 +98,8 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
     missed = []
     froc_scans = []
     sweep = {t: [0, 0] for t in SWEEP}
+    neighbours = other_references(data_dir)
+    on_neighbours, n_neighbours = 0, 0
     for r in rows:
         ct = read_ct(data_dir / "cubes" / r["image"], validate=False)
         mask = sitk.ReadImage(str(data_dir / "cubes" / r["mask"]))
@@ -74,17 +107,25 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
         ref = np.array(stats.GetCentroid(1))
         radius = float(r["diameter_mm"]) / 2
+        excluded = neighbours[r["image"]]
+        n_neighbours += len(excluded)
+
+        def on_neighbour(c) -> bool:
+            return any(np.linalg.norm(np.array(c.center_lps_mm) - np.array(f.center_mm)) <= f.diameter_mm / 2 for f in excluded)
+
         low = detector.detect(ct, froc_threshold, use_lung_mask=False)
         ranked = [{**c.to_dict(), "probability": c.score if c.score is not None else c.probability} for c in low.candidates]
-        froc_scans.append(match_scan(r["image"], ranked, [Finding(tuple(ref), 2 * radius)]))
+        froc_scans.append(match_scan(r["image"], ranked, [Finding(tuple(ref), 2 * radius)], excluded))
         for t in SWEEP:
             hit_t = [c for c in low.candidates if c.probability >= t and np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
             sweep[t][0] += bool(hit_t)
-            sweep[t][1] += sum(c.probability >= t for c in low.candidates) - len(hit_t)
+            sweep[t][1] += sum(c.probability >= t and not on_neighbour(c) for c in low.candidates) - len(hit_t)
         res = detector.detect(ct, threshold, use_lung_mask=False) if froc_threshold < threshold else low  # what a user gets
         hits = [c for c in res.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
+        ignored = [c for c in res.candidates if c not in hits and on_neighbour(c)]
+        on_neighbours += len(ignored)
         found += bool(hits)
-        others += len(res.candidates) - len(hits)
+        others += len(res.candidates) - len(hits) - len(ignored)
         key = "<6mm" if float(r["diameter_mm"]) < 6 else ">=6mm"
         by_size[key][0] += bool(hits)
         by_size[key][1] += 1
@@ -108,6 +149,8 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         "series": len({r["seriesuid"] for r in rows}),
         "sensitivity": round(found / n, 4),
         "other_candidates_per_cube": round(others / n, 3),
+        "other_references_in_cubes": n_neighbours,
+        "candidates_on_other_references": on_neighbours,
         "sensitivity_by_size": _rates(by_size),
         "sensitivity_by_context": _rates(by_context),
         "sensitivity_by_density": _rates(by_density),

@@ -23,6 +23,11 @@ def training_lines(t: dict) -> list:
         f"- Seed {t.get('seed')}, device {t.get('device')}, world size {t.get('world_size', 1)}, {t.get('total_minutes', '?')} minutes, patch {t.get('patch')}³, batch {t.get('batch_size')}, lr {t.get('lr')} ({t.get('optimizer')}), loss {t.get('loss')}.",
         f"- Data: {json.dumps(t.get('data', {}))}.",
         f"- Positives: the LUNA16 nodule cubes of the training series (real nodules with their masks, in their real surroundings), cropped at random offsets, and the same nodules pasted (soft max-blend) into nodule-free lung at random positions, 40 % of them against dense tissue (pleura, vessels); nodules under 6 mm drawn {t.get('small_weight', 2.0):g} times as often; with --attached-weight, real nodules that touch the pleura or a vessel (`LungNoduleAILib.train.nodule_context`) drawn that many times as often.",
+        *(
+            [f"- Labels: each cube's own nodule, and the {t['data']['other_nodules_in_cubes']} pieces of other LUNA16 nodules of the same series that lie in the cubes (before, they were taught as background and mined as false responses)."]
+            if t.get("data", {}).get("other_nodules_in_cubes")
+            else []
+        ),
         "- Negatives: training cubes with their nodule erased, and lung patches of the full scan(s) named in the data (half centred on dense tissue inside the lung), kept 12+ mm away from anything an LIDC reader marked; with --mine-hard-negatives, patches centred where the starting model fired wrongly.",
         "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
     ]
@@ -91,7 +96,13 @@ def main() -> None:
         lines += [
             "",
             f"### Held-out validation cubes ({vc['cubes']} nodules, {vc['series']} series never seen in training)",
-            f"- Found (a candidate centre within the nodule's radius): **{vc['sensitivity']:.3f}**; other candidates per cube: **{vc['other_candidates_per_cube']:.2f}**.",
+            f"- Found (a candidate centre within the nodule's radius): **{vc['sensitivity']:.3f}**; other candidates per cube: **{vc['other_candidates_per_cube']:.2f}**."
+            + (
+                f" Not counted among them: {vc['candidates_on_other_references']} candidates on the {vc['other_references_in_cubes']} other LUNA16 nodules of the same series"
+                " whose centre lies in a cube (LUNA16 counts no false positive on a reference nodule)."
+                if "other_references_in_cubes" in vc
+                else ""
+            ),
             "- By size: " + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc["sensitivity_by_size"].items()) + ".",
             "- By surroundings (`LungNoduleAILib.train.nodule_context`: soft tissue in a 3 mm shell around the nodule; thick = chest wall/mediastinum): "
             + "; ".join(f"{k}: {v['found']}/{v['n']} = {v['sensitivity']:.3f}" for k, v in vc.get("sensitivity_by_context", {}).items()) + ".",
