@@ -429,3 +429,54 @@ def test_a_fine_tune_keeps_its_models_thresholds(tmp_path, synthetic_cubes):
     tuned = ModelSpec.from_json(tmp_path / "ft.json")
     assert (tuned.threshold, tuned.segment_threshold, tuned.split_depth_mm) == (0.9, 0.4, 0.7)
     assert tuned.training["selection"]["threshold"] == 0.9
+
+
+@pytest.fixture(scope="module")
+def neighbour_cubes(tmp_path_factory):
+    """Three cubes written as files: A and B from one series, 15 mm apart, so each holds the other's nodule; C alone."""
+    import SimpleITK as sitk
+
+    root = tmp_path_factory.mktemp("neighbours")
+    (root / "cubes").mkdir()
+    zz, yy, xx = np.indices((50, 50, 50))
+    rows = []
+    for name, series, origin_x in (("a", "1.2.3", 0.0), ("b", "1.2.3", 15.0), ("c", "4.5.6", 0.0)):
+        hu = np.full((50, 50, 50), -850.0, np.float32)
+        own = (zz - 25) ** 2 + (yy - 25) ** 2 + (xx - 25) ** 2 <= 16
+        hu[own] = 30.0
+        if name != "c":  # the neighbour lies 15 mm along x (world), on the other side for b
+            nx = 40 if name == "a" else 10
+            hu[(zz - 25) ** 2 + (yy - 25) ** 2 + (xx - nx) ** 2 <= 16] = 30.0
+        for array, suffix in ((hu, "dcm"), (own.astype(np.int32), "seg")):
+            img = sitk.GetImageFromArray(array)
+            img.SetOrigin((origin_x, 0.0, 0.0))
+            sitk.WriteImage(img, str(root / "cubes" / f"{name}_{suffix}_0.mha"))
+        rows.append(f"{name}_dcm_0.mha,{name}_seg_0.mha,{series},8")
+    (root / "cubes" / "cubes.csv").write_text("image,mask,seriesuid,diameter_mm\n" + "\n".join(rows) + "\n")
+    return prepare_training_data(root, ModelSpec(), scan_names=())
+
+
+def test_other_nodules_of_the_series_in_a_cube_are_marked(tmp_path, neighbour_cubes):
+    """A neighbour that the cube's own mask leaves out is labelled, erased from the negatives, and not a false candidate."""
+    data = neighbour_cubes
+    a, b, c = 0, 1, 2
+    assert data.masks[a][25, 25, 40] == 0 and data.other_masks[a][25, 25, 40] == 1  # b's nodule, in a's grid
+    assert data.other_masks[b][25, 25, 10] == 1 and data.other_masks[b][25, 25, 25] == 0
+    assert not data.other_masks[c].any()
+    assert data.other_masks[a].sum() == data.masks[b].sum()
+    assert data.meta["other_nodules_in_cubes"] == 2
+    assert data.all_masks()[a][25, 25, 40] == 1 and data.all_masks()[a][25, 25, 25] == 1
+
+    save_pack(data, tmp_path / "pack.npz", cube_size=48)
+    back = load_pack(tmp_path / "pack.npz")
+    np.testing.assert_array_equal(back.other_masks, data.other_masks[:, 1:49, 1:49, 1:49])
+
+    data.is_val[:] = False
+    sampler = PatchSampler(data, 48, seed=0, lung_max_u8=91)
+    assert sampler.labels[a][25, 25, 40] == 1  # a patch of cube a is labelled on both nodules
+    assert sampler.erased[a][25, 25, 40] < 91 and sampler.erased[a][25, 25, 25] < 91  # a negative holds neither
+    assert sampler.sprites[a][1].shape == (15, 15, 15)  # the pasted sprite is the own nodule alone (9 voxels + 3 each side)
+
+    prob = (data.all_masks()[a] > 0).astype(np.float32)  # fires on both
+    assert cube_detection_stats(prob, data.masks[a], 8.0, 0.5, 1) == (True, 1)
+    assert cube_detection_stats(prob, data.masks[a], 8.0, 0.5, 1, ignore=data.other_masks[a] > 0) == (True, 0)

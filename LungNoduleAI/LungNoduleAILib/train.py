@@ -74,6 +74,8 @@ class TrainingData:
         hard_cube: ``(K, 4)`` hard negatives in training cubes: ``(cube index, z, y, x)``.
         hard_scan: ``(K, 4)`` hard negatives in scans: ``(scan index, z, y, x)``.
         contexts: ``(N,)`` surroundings of each nodule (:data:`NODULE_CONTEXTS`), or empty when not computed.
+        other_masks: ``(N, S, S, S)`` uint8 masks of the other LUNA16 nodules of the same series
+            that lie in each cube (not in ``masks``), or empty when not computed (older packs).
     """
 
     cubes: np.ndarray
@@ -86,6 +88,13 @@ class TrainingData:
     hard_cube: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     hard_scan: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     contexts: np.ndarray = field(default_factory=lambda: np.zeros((0,), "U20"))
+    other_masks: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.uint8))
+
+    def all_masks(self) -> np.ndarray:
+        """``(N, S, S, S)`` uint8: each cube's nodule and the other nodules of its series that lie in it."""
+        if self.other_masks.shape == self.masks.shape:
+            return np.maximum(self.masks, self.other_masks)
+        return self.masks
 
 
 def _fit_cube(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -132,7 +141,7 @@ def prepare_training_data(
     size = 50
     cubes = np.zeros((len(rows), size, size, size), np.uint8)
     masks = np.zeros((len(rows), size, size, size), np.uint8)
-    contexts = []
+    contexts, grids = [], []
     air = int(scale_intensity_uint8(np.array([-1000.0]), spec.hu_window)[0])
     for n, row in enumerate(rows):
         img = sitk.ReadImage(str(data_dir / "cubes" / row["image"]))
@@ -145,7 +154,9 @@ def prepare_training_data(
         cubes[n] = _fit_cube(scale_intensity_uint8(a, spec.hu_window), size, air)
         masks[n] = _fit_cube(m, size, 0)
         contexts.append(nodule_context(a, m, img.GetSpacing()))
+        grids.append((img.GetSize(), img.GetOrigin(), img.GetSpacing(), img.GetDirection()))
     series = np.array([r["seriesuid"] for r in rows])
+    other_masks = _other_nodule_masks(data_dir / "cubes", rows, grids, size)
     val_series = validation_series(series, val_fraction, seed)
     is_val = np.array([s in val_series for s in series])
     scans = []
@@ -178,7 +189,45 @@ def prepare_training_data(
         "split_seed": seed,
         "scans": [n for n in scan_names],
     }
-    return TrainingData(cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta, contexts=np.array(contexts, "U20"))
+    meta["other_nodules_in_cubes"] = int(sum(len(_mask_components(m)) for m in other_masks if m.any()))
+    return TrainingData(
+        cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta, contexts=np.array(contexts, "U20"), other_masks=other_masks
+    )
+
+
+def _other_nodule_masks(cube_dir: Path, rows: Sequence[dict], grids: Sequence[tuple], size: int) -> np.ndarray:
+    """``(N, size, size, size)`` uint8: in each cube, the masks of the other cubes' nodules of its series (resampled, nearest).
+
+    LUNA16 nodules of one series can lie a few centimetres apart, so a cube may
+    hold a neighbour that its own mask leaves out; unmarked, it would be taught
+    as background and mined as a false response.
+    """
+    import SimpleITK as sitk
+
+    out = np.zeros((len(rows), size, size, size), np.uint8)
+    by_series: dict[str, list[int]] = {}
+    for n, row in enumerate(rows):
+        by_series.setdefault(row["seriesuid"], []).append(n)
+    for members in by_series.values():
+        if len(members) < 2:
+            continue
+        masks = {n: sitk.Cast(sitk.ReadImage(str(cube_dir / rows[n]["mask"])) > 0, sitk.sitkUInt8) for n in members}
+        for n in members:
+            grid_size, origin, spacing, direction = grids[n]
+            ref = sitk.Image([int(v) for v in grid_size], sitk.sitkUInt8)
+            ref.SetOrigin(origin)
+            ref.SetSpacing(spacing)
+            ref.SetDirection(direction)
+            for k in members:
+                if k != n:
+                    other = sitk.GetArrayFromImage(sitk.Resample(masks[k], ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+                    out[n] = np.maximum(out[n], _fit_cube(other, size, 0))
+    return out
+
+
+def _mask_components(mask: np.ndarray) -> list:
+    """Face-connected components of a binary mask (any size)."""
+    return _components(mask > 0, 1)
 
 
 def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_size: int | None = None, scan_margin: int | None = None) -> None:
@@ -202,17 +251,19 @@ def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_s
 
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8, got {bits}")
-    cubes, masks = data.cubes, data.masks
+    cubes, masks, others = data.cubes, data.masks, data.other_masks
     if cube_size is not None and cube_size < cubes.shape[1]:
         lo = (cubes.shape[1] - cube_size) // 2
         sl = (slice(None),) + (slice(lo, lo + cube_size),) * 3
         cubes, masks = cubes[sl], masks[sl]
+        others = others[sl] if others.shape == data.masks.shape else others
     shift = 8 - bits
     meta = dict(data.meta, pack={"bits": bits, "cube_size": int(cubes.shape[1]), "scan_margin": scan_margin})
     arrays = {
         "cubes": cubes >> shift, "masks": masks, "diameters_mm": data.diameters_mm,
         "series": data.series, "is_val": data.is_val, "meta": np.array(json.dumps(meta)),
         "hard_cube": data.hard_cube, "hard_scan": data.hard_scan, "contexts": np.asarray(data.contexts, "U20"),
+        "other_masks": others,
     }
     for i, (vol, lung, pts) in enumerate(data.scans):
         if scan_margin is not None:
@@ -250,6 +301,8 @@ def load_pack(path: str | os.PathLike, seed: int = 0) -> TrainingData:
         data.hard_cube, data.hard_scan = z["hard_cube"], z["hard_scan"]
     if "contexts" in z:
         data.contexts = z["contexts"]
+    if "other_masks" in z:
+        data.other_masks = z["other_masks"]
     return data
 
 
@@ -324,7 +377,8 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         idx = np.flatnonzero(~data.is_val)
         self.cubes = data.cubes[idx]
-        self.masks = data.masks[idx]
+        self.masks = data.masks[idx]  # each cube's own nodule: sprites, sizes, contexts
+        self.labels = data.all_masks()[idx]  # and the other nodules of its series in it: labels, erasing
         d = data.diameters_mm[idx]
         w = np.where(d < 6, small_weight, 1.0)  # oversample nodules under 6 mm
         if attached_weight != 1.0:  # and nodules against the pleura or a vessel
@@ -346,7 +400,7 @@ class PatchSampler:
         self.mix = np.array(mix) / np.sum(mix)
         self.scans = data.scans
         self.air = 0
-        self.erased = np.stack([self._erase(c, m) for c, m in zip(self.cubes, self.masks)])
+        self.erased = np.stack([self._erase(c, m) for c, m in zip(self.cubes, self.labels)])
         self.sprites = [self._sprite(c, m) for c, m in zip(self.cubes, self.masks)]
         train_pos = {int(i): n for n, i in enumerate(idx)}
         self.hard_cube = np.array([[train_pos[int(c[0])], *c[1:]] for c in data.hard_cube if int(c[0]) in train_pos], np.int32).reshape(-1, 4)
@@ -477,7 +531,7 @@ class PatchSampler:
         i, z, y, x = self.hard_cube[int(self.rng.integers(len(self.hard_cube)))]
         pad = self.patch // 2
         vol = np.pad(self.cubes[i], pad, mode="reflect")
-        lab = np.pad(self.masks[i], pad, mode="constant")
+        lab = np.pad(self.labels[i], pad, mode="constant")
         c = np.array([z, y, x]) + pad + self.rng.integers(-6, 7, 3)
         lo = np.clip(c - self.patch // 2, 0, np.array(vol.shape) - self.patch)
         sl = tuple(slice(int(a), int(a) + self.patch) for a in lo)
@@ -492,7 +546,7 @@ class PatchSampler:
             if len(self.hard_cube) and self.rng.random() < 0.3:
                 return self._hard_cube_patch()
             i = int(self.rng.choice(n, p=self.nodule_p))
-            vol, lab = self._random_crop(self.cubes[i], self.masks[i], 8)
+            vol, lab = self._random_crop(self.cubes[i], self.labels[i], 8)
             return np.ascontiguousarray(vol), np.ascontiguousarray(lab)
         if kind in (1, 2):
             i = int(self.rng.integers(n))
@@ -605,7 +659,9 @@ def _batch_stream(sampler: PatchSampler, batch_size: int, seed: int, workers: in
 # ----------------------------------------------------------------------------- validation
 
 
-def cube_detection_stats(prob: np.ndarray, mask: np.ndarray, diameter_mm: float, threshold: float, min_voxels: int, spacing_mm: float = 1.0) -> tuple[bool, int]:
+def cube_detection_stats(
+    prob: np.ndarray, mask: np.ndarray, diameter_mm: float, threshold: float, min_voxels: int, spacing_mm: float = 1.0, ignore: np.ndarray | None = None
+) -> tuple[bool, int]:
     """Is the cube's nodule found, and how many other candidates are there?
 
     A candidate (connected component of ``prob >= threshold`` with at least
@@ -615,14 +671,15 @@ def cube_detection_stats(prob: np.ndarray, mask: np.ndarray, diameter_mm: float,
     Args:
         prob: ``(z, y, x)`` probabilities.
         mask: ``(z, y, x)`` reference nodule mask.
+        ignore: ``(z, y, x)`` bool, other nodules in the cube: a candidate touching them is not counted.
     """
     ref = np.argwhere(mask).mean(axis=0)  # z, y, x
     radius = max(diameter_mm / 2.0, 1.0)
     found, others = False, 0
-    for c, _ in _components(prob >= threshold, min_voxels):
+    for c, voxels in _components(prob >= threshold, min_voxels):
         if np.linalg.norm((c - ref) * spacing_mm) <= radius:
             found = True
-        else:
+        elif ignore is None or not ignore[voxels].any():
             others += 1
     return found, others
 
@@ -643,15 +700,17 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
     import torch
 
     idx = np.flatnonzero(data.is_val)[:limit]
+    labels = data.all_masks()
     found, fps, small_found, small_n, fp_voxels = 0, 0, 0, 0, 0.0
     net.eval()
     with torch.inference_mode():
         for i in idx:
             prob = _cube_probability(net, data.cubes[i], device)
-            f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels)
+            others = data.other_masks[i] > 0 if data.other_masks.shape == data.masks.shape else None
+            f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels, ignore=others)
             found += f
             fps += o
-            far = ~ndimage.binary_dilation(data.masks[i] > 0, _ball(3))
+            far = ~ndimage.binary_dilation(labels[i] > 0, _ball(3))
             fp_voxels += float(((prob >= threshold) & far).mean())
             if data.diameters_mm[i] < 6:
                 small_n += 1
@@ -677,9 +736,10 @@ def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, 
     net.eval()
     hard_cube, hard_scan = [], []
     with torch.inference_mode():
+        labels = data.all_masks()
         for i in np.flatnonzero(~data.is_val):
             prob = _cube_probability(net, data.cubes[i], device)
-            for c in _false_components(prob, threshold, min_voxels, keep_out=data.masks[i] > 0):
+            for c in _false_components(prob, threshold, min_voxels, keep_out=labels[i] > 0):
                 hard_cube.append([int(i), *c])
         for s, scan in enumerate(data.scans):
             hard_scan.extend([s, *zyx] for zyx in _scan_false_responses(net, scan, device, threshold, min_voxels, roi))
