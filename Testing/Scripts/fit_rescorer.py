@@ -4,7 +4,8 @@
 
 Candidates come from the engine itself (``Detector.detect``) at the model's
 threshold: on every training-split cube (hit = centre within the radius of
-the mask centroid, else a false candidate) and on the training scan(s)
+the mask centroid, or of another LUNA16 nodule of the series that lies in the
+cube, else a false candidate) and on the training scan(s)
 (false unless within 15 mm of an LIDC reader mark, which are left out).
 The rescorer's threshold keeps ``--keep`` of the training hits.
 """
@@ -26,6 +27,8 @@ from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.rescore import candidate_features, fit_rescorer, score
 from LungNoduleAILib.train import lidc_marked_points_lps, validation_series
 
+from evaluate_model import other_references
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +44,7 @@ def main() -> None:
     detector = Detector(model)
     rows = list(csv.DictReader(open(args.data_dir / "cubes" / "cubes.csv", newline="")))
     val = validation_series([r["seriesuid"] for r in rows], 0.15, args.seed)
+    neighbours = other_references(args.data_dir)
     X, y = [], []
     for r in rows:
         if r["seriesuid"] in val:
@@ -49,10 +53,10 @@ def main() -> None:
         mask = sitk.ReadImage(str(args.data_dir / "cubes" / r["mask"]))
         st = sitk.LabelShapeStatisticsImageFilter()
         st.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
-        ref = np.array(st.GetCentroid(1))
+        nodules = [(np.array(st.GetCentroid(1)), float(r["diameter_mm"]))] + [(np.array(f.center_mm), f.diameter_mm) for f in neighbours[r["image"]]]
         res = detector.detect(ct, use_lung_mask=False)
         X.append(candidate_features(res.candidates, res.labelmap, res.ct.image, res.probability))
-        y += [int(np.linalg.norm(np.array(c.center_lps_mm) - ref) <= float(r["diameter_mm"]) / 2) for c in res.candidates]
+        y += [int(any(np.linalg.norm(np.array(c.center_lps_mm) - centre) <= d / 2 for centre, d in nodules)) for c in res.candidates]
     for case in [s for s in args.scans.split(",") if s]:
         path = args.data_dir / "scans" / f"{case}.nii.gz"
         ct = read_ct(path)
