@@ -189,7 +189,7 @@ def prepare_training_data(
         "split_seed": seed,
         "scans": [n for n in scan_names],
     }
-    meta["other_nodules_in_cubes"] = int(sum(len(_mask_components(m)) for m in other_masks if m.any()))
+    meta["other_nodules_in_cubes"] = int(sum(len(_components(m > 0, 1)) for m in other_masks if m.any()))
     return TrainingData(
         cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta, contexts=np.array(contexts, "U20"), other_masks=other_masks
     )
@@ -223,11 +223,6 @@ def _other_nodule_masks(cube_dir: Path, rows: Sequence[dict], grids: Sequence[tu
                     other = sitk.GetArrayFromImage(sitk.Resample(masks[k], ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
                     out[n] = np.maximum(out[n], _fit_cube(other, size, 0))
     return out
-
-
-def _mask_components(mask: np.ndarray) -> list:
-    """Face-connected components of a binary mask (any size)."""
-    return _components(mask > 0, 1)
 
 
 def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_size: int | None = None, scan_margin: int | None = None) -> None:
