@@ -90,11 +90,12 @@ class TrainingData:
     contexts: np.ndarray = field(default_factory=lambda: np.zeros((0,), "U20"))
     other_masks: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.uint8))
 
-    def all_masks(self) -> np.ndarray:
-        """``(N, S, S, S)`` uint8: each cube's nodule and the other nodules of its series that lie in it."""
+    def all_masks(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """``(len(idx), S, S, S)`` uint8 (all cubes without ``idx``): each cube's nodule and the other nodules of its series that lie in it."""
+        masks = self.masks if idx is None else self.masks[idx]
         if self.other_masks.shape == self.masks.shape:
-            return np.maximum(self.masks, self.other_masks)
-        return self.masks
+            return np.maximum(masks, self.other_masks if idx is None else self.other_masks[idx])
+        return masks
 
 
 def _fit_cube(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -373,7 +374,7 @@ class PatchSampler:
         idx = np.flatnonzero(~data.is_val)
         self.cubes = data.cubes[idx]
         self.masks = data.masks[idx]  # each cube's own nodule: sprites, sizes, contexts
-        self.labels = data.all_masks()[idx]  # and the other nodules of its series in it: labels, erasing
+        self.labels = data.all_masks(idx)  # and the other nodules of its series in it: labels, erasing
         d = data.diameters_mm[idx]
         w = np.where(d < 6, small_weight, 1.0)  # oversample nodules under 6 mm
         if attached_weight != 1.0:  # and nodules against the pleura or a vessel
@@ -695,17 +696,17 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
     import torch
 
     idx = np.flatnonzero(data.is_val)[:limit]
-    labels = data.all_masks()
+    labels = data.all_masks(idx)  # only the validation cubes: this runs every --val-every steps
     found, fps, small_found, small_n, fp_voxels = 0, 0, 0, 0, 0.0
     net.eval()
     with torch.inference_mode():
-        for i in idx:
+        for k, i in enumerate(idx):
             prob = _cube_probability(net, data.cubes[i], device)
             others = data.other_masks[i] > 0 if data.other_masks.shape == data.masks.shape else None
             f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels, ignore=others)
             found += f
             fps += o
-            far = ~ndimage.binary_dilation(labels[i] > 0, _ball(3))
+            far = ~ndimage.binary_dilation(labels[k] > 0, _ball(3))
             fp_voxels += float(((prob >= threshold) & far).mean())
             if data.diameters_mm[i] < 6:
                 small_n += 1

@@ -56,13 +56,13 @@ def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15, training: b
     return [r for r in rows if (r["seriesuid"] in val) != training]
 
 
-def other_references(data_dir: Path) -> dict[str, list[Finding]]:
-    """For each cube image, the other LUNA16 nodules of its series whose centre lies in the cube.
+def other_references(data_dir: Path, rows: list[dict]) -> dict[str, list[Finding]]:
+    """For each cube image of ``rows``, the other LUNA16 nodules of its series whose centre lies in the cube.
 
     A cube holds its own nodule at its centre, but a neighbour of the same
-    series may lie in it too; its mask is not in the cube's mask.
+    series may lie in it too; its mask is not in the cube's mask. ``rows``
+    (cubes.csv rows) must hold whole series, as the split by series does.
     """
-    rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
     nodules, grids = {}, {}
     for r in rows:
         mask = sitk.ReadImage(str(data_dir / "cubes" / r["mask"]))
@@ -98,7 +98,7 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
     missed = []
     froc_scans = []
     sweep = {t: [0, 0] for t in SWEEP}
-    neighbours = other_references(data_dir)
+    neighbours = other_references(data_dir, rows)
     on_neighbours, n_neighbours = 0, 0
     for r in rows:
         ct = read_ct(data_dir / "cubes" / r["image"], validate=False)

@@ -44,7 +44,7 @@ def main() -> None:
     detector = Detector(model)
     rows = list(csv.DictReader(open(args.data_dir / "cubes" / "cubes.csv", newline="")))
     val = validation_series([r["seriesuid"] for r in rows], 0.15, args.seed)
-    neighbours = other_references(args.data_dir)
+    neighbours = other_references(args.data_dir, [r for r in rows if r["seriesuid"] not in val])
     X, y = [], []
     for r in rows:
         if r["seriesuid"] in val:
