@@ -381,6 +381,36 @@ def test_scan_false_responses_skip_reader_marks():
     assert len(_scan_false_responses(net, (vol, lung, marks[:0]), "cpu", 0.5, 5, roi=32)) == 2
 
 
+def test_missed_nodules_are_mined_and_drawn_missed_weight_times_as_often(synthetic_cubes):
+    """--missed-weight: the training nodules the mining model does not find at the model's threshold are drawn that many times as often."""
+    import dataclasses
+
+    import torch
+
+    from LungNoduleAILib.intensity import scale_intensity_uint8
+    from LungNoduleAILib.train import mine_hard_negatives
+
+    cubes = synthetic_cubes.cubes.copy()
+    for n in range(0, 12, 3):  # every third nodule ground-glass (-600 HU): a net that fires on dense tissue misses it
+        cubes[n][synthetic_cubes.masks[n] > 0] = scale_intensity_uint8(np.array([-600.0]), (-1000.0, 400.0))[0]
+    data = dataclasses.replace(synthetic_cubes, cubes=cubes, meta={})
+    with pytest.raises(ValueError, match="missed_weight=3.0 needs the missed nodules of a mining run"):
+        PatchSampler(data, 48, seed=0, lung_max_u8=91, missed_weight=3.0)
+    net = torch.nn.Conv3d(1, 1, 1)  # fires on dense tissue (> about -300 HU)
+    with torch.no_grad():
+        net.weight.fill_(40.0)
+        net.bias.fill_(-20.0)
+    mine_hard_negatives(net, data, "cpu", threshold=0.5, min_voxels=5, found_threshold=0.97)
+    faint = np.arange(12) % 3 == 0
+    np.testing.assert_array_equal(data.missed, faint & ~data.is_val)  # validation cubes are never looked at
+    assert data.meta["missed_nodules"] == {"count": int((faint & ~data.is_val).sum()), "training_nodules": int((~data.is_val).sum()), "threshold": 0.97}
+    missed = data.missed[~data.is_val]
+    assert missed.any() and not missed.all()
+    for weight in (1.0, 3.0):
+        p = PatchSampler(data, 48, seed=0, lung_max_u8=91, small_weight=1.0, missed_weight=weight).nodule_p
+        np.testing.assert_allclose(p[missed] / p[~missed].max(), weight, rtol=1e-6)
+
+
 def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     from LungNoduleAILib.cli import main
 
@@ -398,6 +428,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
     assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--pleural-fraction", "1.5"]) == 2
     assert "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--missed-weight", "3"]) == 2
+    assert "--missed-weight 3.0 needs --mine-hard-negatives" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 
 

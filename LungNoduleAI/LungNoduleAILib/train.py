@@ -76,6 +76,8 @@ class TrainingData:
         contexts: ``(N,)`` surroundings of each nodule (:data:`NODULE_CONTEXTS`), or empty when not computed.
         other_masks: ``(N, S, S, S)`` uint8 masks of the other LUNA16 nodules of the same series
             that lie in each cube (not in ``masks``), or empty when not computed (older packs).
+        missed: ``(N,)`` bool, training nodules the mining model did not find at its threshold
+            (:func:`mine_hard_negatives`), or empty when not mined.
     """
 
     cubes: np.ndarray
@@ -89,6 +91,7 @@ class TrainingData:
     hard_scan: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     contexts: np.ndarray = field(default_factory=lambda: np.zeros((0,), "U20"))
     other_masks: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.uint8))
+    missed: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
 
     def all_masks(self, idx: np.ndarray | None = None) -> np.ndarray:
         """``(len(idx), S, S, S)`` uint8 (all cubes without ``idx``): each cube's nodule and the other nodules of its series that lie in it."""
@@ -367,7 +370,7 @@ class PatchSampler:
     def __init__(
         self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
         hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0, faint_weight: float = 1.0,
-        pleural_fraction: float = 0.0,
+        pleural_fraction: float = 0.0, missed_weight: float = 1.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -389,6 +392,12 @@ class PatchSampler:
             faint = np.array([nodule_density(uint8_to_hu(c, hu_window), m) == "faint" for c, m in zip(self.cubes, self.masks)])
             w = w * np.where(faint, faint_weight, 1.0)
             log.info("%d of %d training nodules are faint (mean < %.0f HU); drawn %.1fx as often.", int(faint.sum()), len(faint), FAINT_MEAN_HU, faint_weight)
+        if missed_weight != 1.0:  # and the ones the mining model missed (hard positives)
+            if len(data.missed) != len(data.cubes):
+                raise ValueError(f"missed_weight={missed_weight} needs the missed nodules of a mining run (mine_hard_negatives with found_threshold); this data has {len(data.missed)} flags for {len(data.cubes)} cubes")
+            missed = data.missed[idx]
+            w = w * np.where(missed, missed_weight, 1.0)
+            log.info("%d of %d training nodules were missed by the mining model; drawn %.1fx as often.", int(missed.sum()), len(missed), missed_weight)
         self.nodule_p = w / w.sum()
         self.lung_max_u8 = lung_max_u8
         self.faint_fraction = faint_fraction  # pasted nodules made faint (35-70 % of their contrast), like ground-glass nodules
@@ -720,23 +729,28 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
     return stats
 
 
-def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, min_voxels: int, roi: int = 96) -> None:
+def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, min_voxels: int, roi: int = 96, found_threshold: float | None = None) -> None:
     """Record where ``net`` fires wrongly in the training cubes and scans (in place).
 
     A false response is a connected component of ``p >= threshold`` (at least
     ``min_voxels``) that is not on the cube's nodule, or, in a scan, not within
-    15 mm of anything an LIDC reader marked.
+    15 mm of anything an LIDC reader marked. With ``found_threshold`` it also
+    records, in ``data.missed``, the training nodules that ``net`` does not
+    find at that threshold (:func:`cube_detection_stats`): the hard positives.
     """
     import torch
 
     net.eval()
     hard_cube, hard_scan = [], []
+    missed = np.zeros(len(data.cubes), bool)
     with torch.inference_mode():
         labels = data.all_masks()
         for i in np.flatnonzero(~data.is_val):
             prob = _cube_probability(net, data.cubes[i], device)
             for c in _false_components(prob, threshold, min_voxels, keep_out=labels[i] > 0):
                 hard_cube.append([int(i), *c])
+            if found_threshold is not None:
+                missed[i] = not cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), found_threshold, min_voxels)[0]
         for s, scan in enumerate(data.scans):
             hard_scan.extend([s, *zyx] for zyx in _scan_false_responses(net, scan, device, threshold, min_voxels, roi))
     net.train()
@@ -744,6 +758,10 @@ def mine_hard_negatives(net, data: TrainingData, device: str, threshold: float, 
     data.hard_scan = np.array(hard_scan, np.int32).reshape(-1, 4)
     data.meta["hard_negatives"] = {"cubes": len(hard_cube), "scans": len(hard_scan), "threshold": threshold}
     log.info("hard negatives: %d in training cubes, %d in scans", len(hard_cube), len(hard_scan))
+    if found_threshold is not None:
+        data.missed = missed
+        data.meta["missed_nodules"] = {"count": int(missed.sum()), "training_nodules": int((~data.is_val).sum()), "threshold": found_threshold}
+        log.info("missed nodules: %d of %d training nodules not found at %.2f", int(missed.sum()), int((~data.is_val).sum()), found_threshold)
 
 
 def _scan_false_responses(net, scan: tuple, device: str, threshold: float, min_voxels: int, roi: int = 96) -> list[list[int]]:
@@ -847,6 +865,7 @@ def train(
     faint_weight: float = 1.0,
     save_last: bool = False,
     pleural_fraction: float = 0.0,
+    missed_weight: float = 1.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -867,6 +886,9 @@ def train(
     erased cubes alone, full-scan lung patches) in each batch.
     ``small_weight``: nodules under 6 mm are drawn (and pasted) this many times as often.
     ``faint_weight``: nodules whose mask averages below :data:`FAINT_MEAN_HU` are drawn (and pasted) this many times as often.
+    ``missed_weight``: with ``mine_hard``, the training nodules that the
+    mining model does not find at ``spec.threshold`` are drawn this many times
+    as often (hard positives).
     ``pleural_fraction``: this fraction of pasted nodules is placed against
     the chest wall, mediastinum or diaphragm of the patch (juxtapleural), its
     mask cut at the wall.
@@ -907,12 +929,14 @@ def train(
     if init:
         net.load_state_dict(read_weights(Path(init).with_suffix(".pt")))
     min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
+    if missed_weight != 1.0 and not mine_hard:
+        raise ValueError(f"missed_weight={missed_weight} needs mine_hard=True: the missed nodules are found by the mining run")
     if mine_hard:
         miner = net
         if mine_with:  # another model's false responses (e.g. the bundled model's, for a network trained afresh)
             miner = build_network(spec).to(dev)
             miner.load_state_dict(read_weights(Path(mine_with).with_suffix(".pt")))
-        mine_hard_negatives(miner, data, dev, mine_threshold, min_voxels)
+        mine_hard_negatives(miner, data, dev, mine_threshold, min_voxels, found_threshold=spec.threshold if missed_weight != 1.0 else None)
         data.meta["hard_negatives"]["model"] = str(mine_with or init)
         del miner
     if distributed:
@@ -925,7 +949,7 @@ def train(
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
     sampler = PatchSampler(
         data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction, small_weight=small_weight,
-        faint_weight=faint_weight, pleural_fraction=pleural_fraction,
+        faint_weight=faint_weight, pleural_fraction=pleural_fraction, missed_weight=missed_weight,
     )
     averaged = None
     if ema > 0:
@@ -995,6 +1019,7 @@ def train(
                     "small_weight": small_weight,
                     "faint_weight": faint_weight,
                     "pleural_fraction": pleural_fraction,
+                    "missed_weight": missed_weight,
                     "ema": ema,
                     "size_balance_voxels": size_balance_voxels,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
