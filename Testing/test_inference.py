@@ -62,3 +62,44 @@ def test_test_time_flips_average_the_flipped_passes(tiny_model):
 def test_test_time_flips_refuse_bad_axes(tiny_model, axes):
     with pytest.raises(ValueError, match="Test-time flip axes"):
         SlidingWindowPredictor(tiny_model.network, (32, 32, 32), flip_axes=[axes])
+
+
+def _one_sided_conv():
+    """A 3x3x3 convolution that looks at each voxel and its +x neighbour only: flipping along x changes its answer at a blob's x edges."""
+    import torch
+
+    net = torch.nn.Conv3d(1, 1, 3, padding=1)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.weight[0, 0, 1, 1, 1] = 6.0
+        net.weight[0, 0, 1, 1, 2] = 4.0
+        net.bias.fill_(-5.0)
+    return net.eval()
+
+
+def test_local_flips_run_only_around_regions_that_reach_the_probability():
+    """flip_min_probability: the flipped pass is averaged in over each p >= 0.5 region whose peak reaches it, and nowhere else."""
+    vol = np.zeros((64, 64, 64), np.float32)
+    vol[10:16, 10:16, 10:16] = 1.0  # plain p 0.99 inside: flipped
+    vol[40:46, 40:46, 40:46] = 0.6  # plain p 0.73 at most: left as it is
+    net = _one_sided_conv()
+    plain = SlidingWindowPredictor(net, (32, 32, 32))(vol)
+    full = SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]])(vol)
+    local = SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]], flip_min_probability=0.8, flip_context=4)(vol)
+    assert 0.8 <= plain[10:16, 10:16, 10:16].max() and 0.5 <= plain[40:46, 40:46, 40:46].max() < 0.8
+    a = (slice(10, 16),) * 3  # the box of the strong blob's p >= 0.5 region
+    assert np.abs(full[a] - plain[a]).max() > 0.1  # the flip matters there: the test can tell
+    np.testing.assert_allclose(local[a], full[a], atol=1e-6)  # the network sees 1 voxel around, 4 voxels of context suffice
+    outside = np.ones(vol.shape, bool)
+    outside[a] = False
+    assert np.abs(full - plain)[outside].max() > 0.1  # full flips change voxels outside the box ...
+    np.testing.assert_array_equal(local[outside], plain[outside])  # ... local ones leave them
+    b = (slice(38, 48),) * 3
+    assert np.abs(full[b] - plain[b]).max() > 0.1  # the weak blob among them
+    assert local.dtype == np.float32 and local.shape == vol.shape
+    small = np.ascontiguousarray(vol[4:28, 4:28, 4:28])  # fits in one window: flipped everywhere, as without flip_min_probability
+    np.testing.assert_array_equal(
+        SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]], flip_min_probability=0.8, flip_context=4)(small), SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]])(small)
+    )
+    with pytest.raises(ValueError, match="flip_min_probability 1.2 is outside"):
+        SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]], flip_min_probability=1.2)

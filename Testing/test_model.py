@@ -85,5 +85,8 @@ def test_detector_uses_the_models_test_time_flips(tmp_path, flips):
     path = _tiny(tmp_path / "m.json", 1)
     spec = ModelSpec.from_json(path)
     spec.tta_flips = flips
+    spec.tta_min_probability = 0.8 if flips else None
     spec.to_json(path)
-    assert Detector(path, "cpu").predictor.flip_axes == tuple(tuple(f) for f in flips)
+    predictor = Detector(path, "cpu").predictor
+    assert predictor.flip_axes == tuple(tuple(f) for f in flips)
+    assert predictor.flip_min_probability == (0.8 if flips else None)

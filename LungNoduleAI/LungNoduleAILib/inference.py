@@ -48,6 +48,14 @@ class SlidingWindowPredictor:
             2 = x) to flip a window along; the window's probability is the mean over the
             unflipped window and each flipped one (flipped back). Each entry costs one more
             forward pass per window. Empty: no test-time augmentation.
+        flip_min_probability: when set, the flipped passes run only where they can
+            matter: around each region of the plain pass's ``p >= 0.5`` that reaches
+            this probability (its bounding box plus ``flip_context`` voxels of context).
+            Elsewhere the probability is the plain pass's. With one flip, an averaged
+            ``p >= t`` needs a plain ``p >= 2 t - 1``, so 0.8 serves a threshold of 0.9.
+            ``None``, or a volume that fits in one window: flip every window (a full
+            pass per flip).
+        flip_context: voxels of context around each region for the flipped passes.
     """
 
     def __init__(
@@ -58,6 +66,8 @@ class SlidingWindowPredictor:
         device: str = "cpu",
         sw_batch_size: int | None = None,
         flip_axes: Sequence[Sequence[int]] = (),
+        flip_min_probability: float | None = None,
+        flip_context: int = 24,
     ):
         self.network = network
         self.roi_size = tuple(int(r) for r in roi_size)
@@ -68,6 +78,10 @@ class SlidingWindowPredictor:
         for axes in self.flip_axes:
             if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
                 raise ValueError(f"Test-time flip axes {list(axes)} are not valid: give distinct spatial axes among 0 (z), 1 (y), 2 (x).")
+        if flip_min_probability is not None and not 0.5 <= flip_min_probability < 1.0:
+            raise ValueError(f"flip_min_probability {flip_min_probability} is outside [0.5, 1): give the plain-pass probability a region must reach to be flipped, e.g. 0.8.")
+        self.flip_min_probability = flip_min_probability
+        self.flip_context = int(flip_context)
 
     def _auto_batch(self) -> int:
         import torch
@@ -92,6 +106,53 @@ class SlidingWindowPredictor:
         Raises:
             DetectionCancelled: when ``should_cancel()`` returned True.
         """
+        if not self.flip_axes or self.flip_min_probability is None or all(s <= r for s, r in zip(volume.shape, self.roi_size)):
+            return self._windows(volume, self.flip_axes, progress, should_cancel)  # everywhere (one window: as cheap, and padded alike)
+        prob = self._windows(volume, (), progress, should_cancel)
+        return self._flip_regions(volume, prob, should_cancel)
+
+    def _flip_regions(self, volume: np.ndarray, plain: np.ndarray, should_cancel: CancelCallback | None) -> np.ndarray:
+        """``plain`` with the flipped passes averaged in over each region of ``p >= 0.5`` that reaches ``flip_min_probability``."""
+        from scipy import ndimage
+
+        regions, _ = ndimage.label(plain >= 0.5)
+        out = plain.copy()
+        c = self.flip_context
+        for k, box in enumerate(ndimage.find_objects(regions)):
+            if box is None or plain[box][regions[box] == k + 1].max() < self.flip_min_probability:
+                continue
+            if should_cancel is not None and should_cancel():
+                raise DetectionCancelled("Detection cancelled by the user.")
+            outer = tuple(slice(max(0, b.start - c), min(n, b.stop + c)) for b, n in zip(box, volume.shape))
+            flipped = self._flipped(volume[outer], should_cancel)
+            inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))
+            out[box] = (plain[box] + len(self.flip_axes) * flipped[inner]) / (1 + len(self.flip_axes))
+        return out
+
+    def _flipped(self, crop: np.ndarray, should_cancel: CancelCallback | None) -> np.ndarray:
+        """Mean of the flipped passes over ``crop``: one network pass per flip, the crop mirror-padded to a multiple of
+        the largest power of two dividing every window side; a crop bigger than a window goes window by window."""
+        import torch
+
+        m = min(r & -r for r in self.roi_size)
+        target = [max(m, -(-s // m) * m) for s in crop.shape]
+        if any(t > r for t, r in zip(target, self.roi_size)):
+            return self._windows(crop, self.flip_axes, None, should_cancel, plain_pass=False)
+        pads = [((t - s) // 2, t - s - (t - s) // 2) for s, t in zip(crop.shape, target)]
+        mode = "reflect" if all(max(a, b) < s for (a, b), s in zip(pads, crop.shape)) else "edge"
+        x = torch.from_numpy(np.pad(crop, pads, mode=mode).astype(np.float32))[None, None].to(self.device)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.device.startswith("cuda")):
+            prob = torch.zeros(x.shape, device=x.device)
+            for axes in self.flip_axes:
+                dims = [a + 2 for a in axes]
+                prob += torch.sigmoid(self.network(x.flip(dims)).float()).flip(dims)
+        prob = prob[0, 0].cpu().numpy() / len(self.flip_axes)
+        return np.ascontiguousarray(prob[tuple(slice(a, a + s) for (a, _), s in zip(pads, crop.shape))], dtype=np.float32)
+
+    def _windows(
+        self, volume: np.ndarray, flip_axes: Sequence[Sequence[int]], progress: ProgressCallback | None, should_cancel: CancelCallback | None, plain_pass: bool = True
+    ) -> np.ndarray:
+        """Sliding-window mean of the plain pass (``plain_pass``) and the passes flipped along each of ``flip_axes``."""
         import torch
         from monai.inferers import sliding_window_inference
 
@@ -112,14 +173,14 @@ class SlidingWindowPredictor:
             if should_cancel is not None and should_cancel():
                 raise DetectionCancelled("Detection cancelled by the user.")
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                prob = torch.sigmoid(self.network(x).float())
-                for axes in self.flip_axes:
+                prob = torch.sigmoid(self.network(x).float()) if plain_pass else torch.zeros(x.shape, device=x.device)
+                for axes in flip_axes:
                     dims = [a + 2 for a in axes]
                     prob += torch.sigmoid(self.network(x.flip(dims)).float()).flip(dims)
             done[0] = min(total, done[0] + x.shape[0])
             if progress is not None:
                 progress(done[0], total, "inference")
-            return prob / (1 + len(self.flip_axes))
+            return prob / (int(plain_pass) + len(flip_axes))
 
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         with torch.inference_mode():
@@ -149,6 +210,8 @@ def sliding_window_probability(
     should_cancel: CancelCallback | None = None,
     sw_batch_size: int | None = None,
     flip_axes: Sequence[Sequence[int]] = (),
+    flip_min_probability: float | None = None,
+    flip_context: int = 24,
 ) -> np.ndarray:
     """Function form of :class:`SlidingWindowPredictor` (same arguments, same result)."""
-    return SlidingWindowPredictor(network, roi_size, overlap, device, sw_batch_size, flip_axes)(volume, progress, should_cancel)
+    return SlidingWindowPredictor(network, roi_size, overlap, device, sw_batch_size, flip_axes, flip_min_probability, flip_context)(volume, progress, should_cancel)

@@ -45,6 +45,9 @@ class ModelSpec:
             the probability is averaged over the plain and each flipped pass (see
             :class:`.inference.SlidingWindowPredictor`). Each one adds a full
             network pass. Empty: none.
+        tta_min_probability: run the flips only around regions whose plain-pass
+            probability reaches this (see ``flip_min_probability`` of
+            :class:`.inference.SlidingWindowPredictor`); ``None``: over the whole volume.
         threshold: default probability threshold for candidates.
         min_volume_mm3: candidates smaller than this (above ``threshold``) are dropped.
         segment_threshold: a candidate's voxels are its region of ``p >=
@@ -70,6 +73,7 @@ class ModelSpec:
     roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     overlap: float = 0.25
     tta_flips: list[list[int]] = field(default_factory=list)
+    tta_min_probability: float | None = None
     threshold: float = 0.5
     min_volume_mm3: float = 5.0
     segment_threshold: float | None = None

@@ -132,7 +132,9 @@ class Detector:
     def __init__(self, model: LoadedModel | str | os.PathLike | None = None, device: str = "auto"):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device)
         spec = self.model.spec
-        self.predictor = SlidingWindowPredictor(self.model.network, spec.roi_size, spec.overlap, self.model.device, flip_axes=spec.tta_flips)
+        self.predictor = SlidingWindowPredictor(
+            self.model.network, spec.roi_size, spec.overlap, self.model.device, flip_axes=spec.tta_flips, flip_min_probability=spec.tta_min_probability
+        )
 
     def detect(
         self,
