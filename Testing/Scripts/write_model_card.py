@@ -71,6 +71,12 @@ def main() -> None:
         f"- Input: CT oriented to LPS, resampled to {spec.spacing_mm} mm, HU clipped to {spec.hu_window} and scaled to [0, 1]; restricted to the lungs' bounding box (+{spec.lung_margin_mm:g} mm) from a threshold/connected-component lung mask; probability set to 0 outside the closed lung mask dilated by 4 mm.",
         f"- Sliding window {spec.roi_size} voxels, overlap {spec.overlap}, Gaussian blending"
         + (f"; test-time flips along axes {spec.tta_flips} (0 = z, 1 = y, 2 = x), probabilities averaged with the plain pass" if spec.tta_flips else "")
+        + (
+            f", only over each region of p >= 0.5 whose plain-pass peak reaches {spec.tta_min_probability:g} (its bounding box, flipped with 24 voxels of context; a volume"
+            " that fits in one window, such as a nodule cube, is flipped everywhere)"
+            if spec.tta_flips and spec.tta_min_probability is not None
+            else ""
+        )
         + f". Candidates: components of p >= {spec.threshold} (default threshold) of at least {spec.min_volume_mm3:g} mm³"
         + (f", each drawn as its connected region of p >= {spec.segment_threshold} (its segment, measurements and centre)." if spec.segment_threshold is not None else ".")
         + (f" Regions under {SPLIT_MAX_DIAMETER_MM:g} mm made of blobs joined by a neck at least {spec.split_depth_mm} mm shallower are split, one candidate per blob with its own core (`split_at_necks`)." if spec.split_depth_mm else ""),
@@ -79,7 +85,7 @@ def main() -> None:
     ]
     if t.get("ingredients"):
         lines += [
-            f"- The weights are the {t['method']} (`lungnoduleai average`, `LungNoduleAILib.model.average_models`): fine-tunes of one model; the settings above are the first one's.",
+            f"- The weights are the {t['method']} (`lungnoduleai average`, `LungNoduleAILib.model.average_models`): fine-tunes of one model; the run-time settings started as the first one's (Notes say where they changed since).",
             f"- Command: `{t.get('command', '?')}`",
         ]
         for i, ing in enumerate(t["ingredients"], 1):
