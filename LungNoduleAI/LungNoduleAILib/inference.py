@@ -142,12 +142,18 @@ class SlidingWindowPredictor:
         mode = "reflect" if all(max(a, b) < s for (a, b), s in zip(pads, crop.shape)) else "edge"
         x = torch.from_numpy(np.pad(crop, pads, mode=mode).astype(np.float32))[None, None].to(self.device)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.device.startswith("cuda")):
-            prob = torch.zeros(x.shape, device=x.device)
-            for axes in self.flip_axes:
-                dims = [a + 2 for a in axes]
-                prob += torch.sigmoid(self.network(x.flip(dims)).float()).flip(dims)
-        prob = prob[0, 0].cpu().numpy() / len(self.flip_axes)
+            prob = self._mean_of_passes(x, self.flip_axes, plain_pass=False)[0, 0].cpu().numpy()
         return np.ascontiguousarray(prob[tuple(slice(a, a + s) for (a, _), s in zip(pads, crop.shape))], dtype=np.float32)
+
+    def _mean_of_passes(self, x, flip_axes: Sequence[Sequence[int]], plain_pass: bool):
+        """Mean probability ``(B, 1, z, y, x)`` over the plain pass on ``x`` (when ``plain_pass``) and the passes flipped along each of ``flip_axes`` (flipped back)."""
+        import torch
+
+        prob = torch.sigmoid(self.network(x).float()) if plain_pass else torch.zeros(x.shape, device=x.device)
+        for axes in flip_axes:
+            dims = [a + 2 for a in axes]
+            prob += torch.sigmoid(self.network(x.flip(dims)).float()).flip(dims)
+        return prob / (int(plain_pass) + len(flip_axes))
 
     def _windows(
         self, volume: np.ndarray, flip_axes: Sequence[Sequence[int]], progress: ProgressCallback | None, should_cancel: CancelCallback | None, plain_pass: bool = True
@@ -173,14 +179,11 @@ class SlidingWindowPredictor:
             if should_cancel is not None and should_cancel():
                 raise DetectionCancelled("Detection cancelled by the user.")
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                prob = torch.sigmoid(self.network(x).float()) if plain_pass else torch.zeros(x.shape, device=x.device)
-                for axes in flip_axes:
-                    dims = [a + 2 for a in axes]
-                    prob += torch.sigmoid(self.network(x.flip(dims)).float()).flip(dims)
+                prob = self._mean_of_passes(x, flip_axes, plain_pass)
             done[0] = min(total, done[0] + x.shape[0])
             if progress is not None:
                 progress(done[0], total, "inference")
-            return prob / (int(plain_pass) + len(flip_axes))
+            return prob
 
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         with torch.inference_mode():
