@@ -93,10 +93,15 @@ class TrainingData:
     other_masks: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.uint8))
     missed: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
 
+    @property
+    def has_other_masks(self) -> bool:
+        """Whether ``other_masks`` was computed (older packs lack it)."""
+        return self.other_masks.shape == self.masks.shape
+
     def all_masks(self, idx: np.ndarray | None = None) -> np.ndarray:
         """``(len(idx), S, S, S)`` uint8 (all cubes without ``idx``): each cube's nodule and the other nodules of its series that lie in it."""
         masks = self.masks if idx is None else self.masks[idx]
-        if self.other_masks.shape == self.masks.shape:
+        if self.has_other_masks:
             return np.maximum(masks, self.other_masks if idx is None else self.other_masks[idx])
         return masks
 
@@ -255,7 +260,7 @@ def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_s
         lo = (cubes.shape[1] - cube_size) // 2
         sl = (slice(None),) + (slice(lo, lo + cube_size),) * 3
         cubes, masks = cubes[sl], masks[sl]
-        others = others[sl] if others.shape == data.masks.shape else others
+        others = others[sl] if data.has_other_masks else others
     shift = 8 - bits
     meta = dict(data.meta, pack={"bits": bits, "cube_size": int(cubes.shape[1]), "scan_margin": scan_margin})
     arrays = {
@@ -711,7 +716,7 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
     with torch.inference_mode():
         for k, i in enumerate(idx):
             prob = _cube_probability(net, data.cubes[i], device)
-            others = data.other_masks[i] > 0 if data.other_masks.shape == data.masks.shape else None
+            others = data.other_masks[i] > 0 if data.has_other_masks else None
             f, o = cube_detection_stats(prob, data.masks[i], float(data.diameters_mm[i]), threshold, min_voxels, ignore=others)
             found += f
             fps += o
