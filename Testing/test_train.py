@@ -175,6 +175,27 @@ def test_size_balanced_weights_favour_small_nodules():
     assert float(size_balanced_weights(y, 5000.0)[0].max()) == 10.0  # capped
 
 
+def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
+    """--wall-negative-weight: unlabelled voxels where lung meets a thick wall weigh less; a thin vessel's surroundings and nodule voxels do not."""
+    import torch
+
+    from LungNoduleAILib.train import wall_negative_weights
+
+    lung, tissue = 0.1, 0.7  # scaled intensities (-860 HU, -20 HU); -500 HU is 0.357
+    x = torch.full((1, 1, 32, 32, 32), lung)
+    x[..., :10] = tissue  # chest wall: 10 voxels thick, lung at x >= 10
+    x[0, 0, 20:22, 20:22, :] = tissue  # a 2-voxel vessel, far from the wall
+    y = torch.zeros_like(x)
+    y[0, 0, 14:18, 14:18, 10:14] = 1.0  # a juxtapleural nodule on the wall
+    w = wall_negative_weights(x, y, 0.25, lung_max=0.357)
+    assert w.shape == x.shape
+    assert [float(v) for v in w[0, 0, 5, 5, 8:12]] == [0.25] * 4  # 2 voxels either side of the pleura
+    assert float(w[0, 0, 5, 5, 7]) == 1.0 and float(w[0, 0, 5, 5, 12]) == 1.0  # beyond the band
+    assert float(w[0, 0, 5, 5, 2]) == 1.0  # inside the wall
+    assert torch.all(w[0, 0, 14:18, 14:18, 10:14] == 1.0)  # the nodule keeps its weight
+    assert torch.all(w[0, 0, 16:26, 16:26, 16:] == 1.0)  # around the vessel: thin tissue, not a wall
+    assert torch.all(wall_negative_weights(x, y, 1.0, lung_max=0.357) == 1.0)
+
 def test_ema_keeps_the_average_of_the_weights(tmp_path, synthetic_cubes):
     """--ema: what is saved is the moving average, which starts at the initial weights; with a decay near 1 it stays there."""
     from LungNoduleAILib.model import read_weights
@@ -257,8 +278,9 @@ def test_components_match_simpleitk():
 
 def test_train_saves_a_loadable_model_with_its_record(tmp_path, few_cubes):
     spec = ModelSpec(architecture=TINY)
-    record = train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test", size_balance_voxels=100.0)
-    assert record["loss"].endswith("nodule voxels weighted by clip(100/n, 1, 10)") and np.isfinite(record["best_validation"]["loss"])
+    record = train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test", size_balance_voxels=100.0, wall_negative_weight=0.3)
+    assert record["loss"].endswith("nodule voxels weighted by clip(100/n, 1, 10), unlabelled voxels at the lung's wall weighted 0.3")
+    assert record["wall_negative_weight"] == 0.3 and np.isfinite(record["best_validation"]["loss"])
     assert record["best_validation"]["val_cubes"] == int(few_cubes.is_val.sum())
     meta = json.loads((tmp_path / "m.json").read_text())
     assert meta["training"]["seed"] == 0 and meta["training"]["data"]["cubes"] == 24
@@ -431,6 +453,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
     assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--missed-weight", "3"]) == 2
     assert "--missed-weight 3.0 needs --mine-hard-negatives" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--wall-negative-weight", "1.5"]) == 2
+    assert "--wall-negative-weight must lie between 0 and 1, got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 
 

@@ -99,6 +99,7 @@ def _add_train(sub) -> None:
     p.add_argument("--pleural-fraction", type=float, default=0.0, help="fraction of pasted nodules placed against the chest wall, mediastinum or diaphragm, their masks cut at the wall (juxtapleural; default: %(default)s)")
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--missed-weight", type=float, default=1.0, help="with --mine-hard-negatives: draw the training nodules that the mining model does not find at the model's threshold this many times as often (hard positives; default: %(default)s)")
+    p.add_argument("--wall-negative-weight", type=float, default=1.0, help="weight (0-1) of the unlabelled voxels where lung meets chest wall, mediastinum or diaphragm, so that negatives press less on juxtapleural nodules (default: %(default)s = as any voxel)")
     p.add_argument("--faint-weight", type=float, default=1.0, help="draw faint nodules (mean below -450 HU in their mask: ground-glass, part-solid, small and blurred) this many times as often (default: %(default)s)")
     p.add_argument("--save-last", action="store_true", help="also save the last step's weights as <output>_last.json/.pt (e.g. to average several runs with 'lungnoduleai average')")
     p.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the weights with this decay per step, e.g. 0.998 (default: %(default)s = off)")
@@ -385,6 +386,9 @@ def _run_train(args) -> int:
     if args.missed_weight != 1.0 and not args.mine_hard_negatives:
         print(f"error: --missed-weight {args.missed_weight} needs --mine-hard-negatives: the mining run finds the missed training nodules", file=sys.stderr)
         return 2
+    if not 0.0 <= args.wall_negative_weight <= 1.0:
+        print(f"error: --wall-negative-weight must lie between 0 and 1, got {args.wall_negative_weight}", file=sys.stderr)
+        return 2
     if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
         print(f"error: --mix needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{args.mix}'", file=sys.stderr)
         return 2
@@ -398,7 +402,7 @@ def _run_train(args) -> int:
         workers=args.workers, mine_with=args.mine_with, mix=mix, fp_weight=args.fp_weight, scan_fp_weight=args.scan_fp_weight,
         faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
         faint_weight=args.faint_weight, save_last=args.save_last, pleural_fraction=args.pleural_fraction,
-        missed_weight=args.missed_weight,
+        missed_weight=args.missed_weight, wall_negative_weight=args.wall_negative_weight,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

@@ -625,6 +625,36 @@ def size_balanced_weights(y, reference_voxels: float, max_weight: float = 10.0):
     return 1.0 + (y > 0) * ((reference_voxels / n).clamp(1.0, max_weight) - 1.0)
 
 
+def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels: int = 4, band_voxels: int = 2):
+    """Cross-entropy weights ``(B, 1, P, P, P)`` that let negatives press less on the lung's wall.
+
+    Voxels without a nodule label that lie within ``band_voxels`` of both the
+    lung (intensity <= ``lung_max``) and thick tissue weigh ``wall_weight``;
+    every other voxel weighs 1. Thick tissue is tissue (> ``lung_max``) that
+    survives an opening with a ``2 wall_voxels + 1`` cube: chest wall,
+    mediastinum, diaphragm, not vessels (as :func:`nodule_context`, with a
+    cube for the ball). Negatives (lung patches, erased cubes, mined false
+    responses) are full of pleura; at full weight they teach the network that
+    the lung's edge is never a nodule, which is what juxtapleural nodules pay for.
+
+    Args:
+        x: intensities ``(B, 1, P, P, P)`` scaled to [0, 1] (1 mm voxels).
+        y: labels ``(B, 1, P, P, P)`` (0/1).
+        wall_weight: weight of the negative voxels at the wall (0-1).
+        lung_max: the scaled intensity of -500 HU: at or below it is lung.
+        wall_voxels: half-width of the opening cube (voxels, 4 = 4 mm).
+        band_voxels: how far from the interface a voxel still counts as at the wall (voxels).
+    """
+    import torch.nn.functional as F
+
+    tissue = (x > lung_max).float()
+    k = 2 * wall_voxels + 1
+    thick = F.max_pool3d(-F.max_pool3d(-tissue, k, 1, wall_voxels), k, 1, wall_voxels)  # opening: erode, then dilate
+    b = 2 * band_voxels + 1
+    at_wall = F.max_pool3d(thick, b, 1, band_voxels) * F.max_pool3d(1.0 - tissue, b, 1, band_voxels) * (y <= 0)
+    return 1.0 - (1.0 - wall_weight) * at_wall
+
+
 def _draw_batch(sampler: PatchSampler, batch_size: int, gen):
     """One augmented batch: ``(x float32 (B, 1, P, P, P) in [0, 1], y float32 (B, 1, P, P, P))``."""
     import torch
@@ -871,6 +901,7 @@ def train(
     save_last: bool = False,
     pleural_fraction: float = 0.0,
     missed_weight: float = 1.0,
+    wall_negative_weight: float = 1.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -899,6 +930,9 @@ def train(
     mask cut at the wall.
     ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
     voxels of small nodules more (:func:`size_balanced_weights`).
+    ``wall_negative_weight``: when < 1, the cross-entropy weighs the
+    unlabelled voxels where lung meets chest wall, mediastinum or diaphragm
+    this much (:func:`wall_negative_weights`).
     ``ema``: when > 0, an exponential moving average of the weights (and of
     the batch-norm statistics) with this decay per step, starting at the
     initial weights, is what is validated and saved; it smooths the
@@ -934,6 +968,8 @@ def train(
     if init:
         net.load_state_dict(read_weights(Path(init).with_suffix(".pt")))
     min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
+    if not 0.0 <= wall_negative_weight <= 1.0:
+        raise ValueError(f"wall_negative_weight={wall_negative_weight} must lie between 0 and 1")
     if missed_weight != 1.0 and not mine_hard:
         raise ValueError(f"missed_weight={missed_weight} needs mine_hard=True: the missed nodules are found by the mining run")
     if mine_hard:
@@ -984,6 +1020,9 @@ def train(
             logits = net(x)
         logits = logits.float()
         weight = size_balanced_weights(y, size_balance_voxels) if size_balance_voxels > 0 else None
+        if wall_negative_weight != 1.0:
+            wall = wall_negative_weights(x, y, wall_negative_weight, lung_max / 255.0)
+            weight = wall if weight is None else weight * wall
         loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight) + dice(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1013,7 +1052,8 @@ def train(
                     "patch": patch,
                     "batch_size": batch_size,
                     "lr": lr,
-                    "loss": "BCEWithLogits + soft Dice (batch)" + (f", nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)" if size_balance_voxels > 0 else ""),
+                    "loss": "BCEWithLogits + soft Dice (batch)" + (f", nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)" if size_balance_voxels > 0 else "")
+                    + (f", unlabelled voxels at the lung's wall weighted {wall_negative_weight:g}" if wall_negative_weight != 1.0 else ""),
                     "optimizer": "AdamW, weight decay 1e-4, cosine decay",
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -1025,6 +1065,7 @@ def train(
                     "faint_weight": faint_weight,
                     "pleural_fraction": pleural_fraction,
                     "missed_weight": missed_weight,
+                    "wall_negative_weight": wall_negative_weight,
                     "ema": ema,
                     "size_balance_voxels": size_balance_voxels,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
