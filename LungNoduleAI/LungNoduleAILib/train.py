@@ -647,11 +647,14 @@ def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels
     """
     import torch.nn.functional as F
 
+    def dilate(v, r):  # max over a (2r + 1)^3 cube, one axis at a time (3 (2r + 1) reads a voxel, not (2r + 1)^3)
+        for k in ((2 * r + 1, 1, 1), (1, 2 * r + 1, 1), (1, 1, 2 * r + 1)):
+            v = F.max_pool3d(v, k, 1, tuple(n // 2 for n in k))
+        return v
+
     tissue = (x > lung_max).float()
-    k = 2 * wall_voxels + 1
-    thick = F.max_pool3d(-F.max_pool3d(-tissue, k, 1, wall_voxels), k, 1, wall_voxels)  # opening: erode, then dilate
-    b = 2 * band_voxels + 1
-    at_wall = F.max_pool3d(thick, b, 1, band_voxels) * F.max_pool3d(1.0 - tissue, b, 1, band_voxels) * (y <= 0)
+    thick = dilate(-dilate(-tissue, wall_voxels), wall_voxels)  # opening: erode, then dilate
+    at_wall = dilate(thick, band_voxels) * dilate(1.0 - tissue, band_voxels) * (y <= 0)
     return 1.0 - (1.0 - wall_weight) * at_wall
 
 
