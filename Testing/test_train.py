@@ -195,6 +195,9 @@ def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
     assert torch.all(w[0, 0, 14:18, 14:18, 10:14] == 1.0)  # the nodule keeps its weight
     assert torch.all(w[0, 0, 16:26, 16:26, 16:] == 1.0)  # around the vessel: thin tissue, not a wall
     assert torch.all(wall_negative_weights(x, y, 1.0, lung_max=0.357) == 1.0)
+    near = wall_negative_weights(x, y, 0.25, lung_max=0.357, near_nodule_voxels=3)  # only the wall beside the nodule
+    assert float(near[0, 0, 16, 12, 9]) == 0.25 and float(near[0, 0, 16, 17 + 3, 9]) == 0.25
+    assert float(near[0, 0, 16, 17 + 4, 9]) == 1.0 and float(near[0, 0, 5, 5, 9]) == 1.0  # farther along the pleura: full weight
 
 def test_ema_keeps_the_average_of_the_weights(tmp_path, synthetic_cubes):
     """--ema: what is saved is the moving average, which starts at the initial weights; with a decay near 1 it stays there."""
@@ -456,6 +459,9 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
     assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--wall-negative-weight", "1.5"]) == 2
     assert "--wall-negative-weight must lie between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--wall-negative-weight", "0.3", "--wall-near-nodule", "-1"]) == 2
+    assert "--wall-near-nodule is a distance in voxels and must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 
 

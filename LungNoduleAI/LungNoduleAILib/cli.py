@@ -100,6 +100,7 @@ def _add_train(sub) -> None:
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--missed-weight", type=float, default=1.0, help="with --mine-hard-negatives: draw the training nodules that the mining model does not find at the model's threshold this many times as often (hard positives; default: %(default)s)")
     p.add_argument("--wall-negative-weight", type=float, default=1.0, help="weight (0-1) of the unlabelled voxels where lung meets chest wall, mediastinum or diaphragm, so that negatives press less on juxtapleural nodules (default: %(default)s = as any voxel)")
+    p.add_argument("--wall-near-nodule", type=int, default=0, metavar="VOXELS", help="with --wall-negative-weight: lighten only the wall within this many voxels (1 mm) of a labelled nodule; the rest of the pleura keeps full weight (default: %(default)s = the whole wall)")
     p.add_argument("--faint-weight", type=float, default=1.0, help="draw faint nodules (mean below -450 HU in their mask: ground-glass, part-solid, small and blurred) this many times as often (default: %(default)s)")
     p.add_argument("--save-last", action="store_true", help="also save the last step's weights as <output>_last.json/.pt (e.g. to average several runs with 'lungnoduleai average')")
     p.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the weights with this decay per step, e.g. 0.998 (default: %(default)s = off)")
@@ -389,6 +390,9 @@ def _run_train(args) -> int:
     if not 0.0 <= args.wall_negative_weight <= 1.0:
         print(f"error: --wall-negative-weight must lie between 0 and 1, got {args.wall_negative_weight}", file=sys.stderr)
         return 2
+    if args.wall_near_nodule < 0:
+        print(f"error: --wall-near-nodule is a distance in voxels and must be >= 0 (0 = the whole wall), got {args.wall_near_nodule}", file=sys.stderr)
+        return 2
     if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
         print(f"error: --mix needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{args.mix}'", file=sys.stderr)
         return 2
@@ -403,6 +407,7 @@ def _run_train(args) -> int:
         faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
         faint_weight=args.faint_weight, save_last=args.save_last, pleural_fraction=args.pleural_fraction,
         missed_weight=args.missed_weight, wall_negative_weight=args.wall_negative_weight,
+        wall_near_nodule_voxels=args.wall_near_nodule,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

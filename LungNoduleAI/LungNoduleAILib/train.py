@@ -625,7 +625,7 @@ def size_balanced_weights(y, reference_voxels: float, max_weight: float = 10.0):
     return 1.0 + (y > 0) * ((reference_voxels / n).clamp(1.0, max_weight) - 1.0)
 
 
-def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels: int = 4, band_voxels: int = 2):
+def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels: int = 4, band_voxels: int = 2, near_nodule_voxels: int = 0):
     """Cross-entropy weights ``(B, 1, P, P, P)`` that let negatives press less on the lung's wall.
 
     Voxels without a nodule label that lie within ``band_voxels`` of both the
@@ -644,6 +644,9 @@ def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels
         lung_max: the scaled intensity of -500 HU: at or below it is lung.
         wall_voxels: half-width of the opening cube (voxels, 4 = 4 mm).
         band_voxels: how far from the interface a voxel still counts as at the wall (voxels).
+        near_nodule_voxels: when > 0, only the wall within this many voxels
+            of a labelled nodule is lightened (the rest of the pleura keeps
+            teaching the network at full weight); 0 = the whole wall.
     """
     import torch.nn.functional as F
 
@@ -655,6 +658,8 @@ def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels
     tissue = (x > lung_max).float()
     thick = dilate(-dilate(-tissue, wall_voxels), wall_voxels)  # opening: erode, then dilate
     at_wall = dilate(thick, band_voxels) * dilate(1.0 - tissue, band_voxels) * (y <= 0)
+    if near_nodule_voxels > 0:
+        at_wall = at_wall * dilate((y > 0).float(), near_nodule_voxels)
     return 1.0 - (1.0 - wall_weight) * at_wall
 
 
@@ -905,6 +910,7 @@ def train(
     pleural_fraction: float = 0.0,
     missed_weight: float = 1.0,
     wall_negative_weight: float = 1.0,
+    wall_near_nodule_voxels: int = 0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -935,7 +941,9 @@ def train(
     voxels of small nodules more (:func:`size_balanced_weights`).
     ``wall_negative_weight``: when < 1, the cross-entropy weighs the
     unlabelled voxels where lung meets chest wall, mediastinum or diaphragm
-    this much (:func:`wall_negative_weights`).
+    this much (:func:`wall_negative_weights`); with
+    ``wall_near_nodule_voxels`` > 0 only within that many voxels of a
+    labelled nodule.
     ``ema``: when > 0, an exponential moving average of the weights (and of
     the batch-norm statistics) with this decay per step, starting at the
     initial weights, is what is validated and saved; it smooths the
@@ -973,6 +981,8 @@ def train(
     min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
     if not 0.0 <= wall_negative_weight <= 1.0:
         raise ValueError(f"wall_negative_weight={wall_negative_weight} must lie between 0 and 1")
+    if wall_near_nodule_voxels < 0:
+        raise ValueError(f"wall_near_nodule_voxels={wall_near_nodule_voxels} must be >= 0 (0 = the whole wall)")
     if missed_weight != 1.0 and not mine_hard:
         raise ValueError(f"missed_weight={missed_weight} needs mine_hard=True: the missed nodules are found by the mining run")
     if mine_hard:
@@ -1024,7 +1034,7 @@ def train(
         logits = logits.float()
         weight = size_balanced_weights(y, size_balance_voxels) if size_balance_voxels > 0 else None
         if wall_negative_weight != 1.0:
-            wall = wall_negative_weights(x, y, wall_negative_weight, lung_max / 255.0)
+            wall = wall_negative_weights(x, y, wall_negative_weight, lung_max / 255.0, near_nodule_voxels=wall_near_nodule_voxels)
             weight = wall if weight is None else weight * wall
         loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight) + dice(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -1056,7 +1066,7 @@ def train(
                     "batch_size": batch_size,
                     "lr": lr,
                     "loss": "BCEWithLogits + soft Dice (batch)" + (f", nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)" if size_balance_voxels > 0 else "")
-                    + (f", unlabelled voxels at the lung's wall weighted {wall_negative_weight:g}" if wall_negative_weight != 1.0 else ""),
+                    + (f", unlabelled voxels at the lung's wall weighted {wall_negative_weight:g}" + (f" within {wall_near_nodule_voxels} voxels of a nodule" if wall_near_nodule_voxels > 0 else "") if wall_negative_weight != 1.0 else ""),
                     "optimizer": "AdamW, weight decay 1e-4, cosine decay",
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -1069,6 +1079,7 @@ def train(
                     "pleural_fraction": pleural_fraction,
                     "missed_weight": missed_weight,
                     "wall_negative_weight": wall_negative_weight,
+                    "wall_near_nodule_voxels": wall_near_nodule_voxels,
                     "ema": ema,
                     "size_balance_voxels": size_balance_voxels,
                     "selection": {"fp_weight": fp_weight, "scan_fp_weight": scan_fp_weight, "threshold": spec.threshold},
