@@ -1015,6 +1015,13 @@ def train(
     if use_amp:
         torch.backends.cudnn.benchmark = True
     stream = _batch_stream(sampler, batch_size, seed * 1000 + rank, workers, pin_memory=use_amp)
+    loss_terms = ["BCEWithLogits + soft Dice (batch)"]
+    if size_balance_voxels > 0:
+        loss_terms.append(f"nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)")
+    if wall_negative_weight != 1.0:
+        near = f" within {wall_near_nodule_voxels} voxels of a nodule" if wall_near_nodule_voxels > 0 else ""
+        loss_terms.append(f"unlabelled voxels at the lung's wall weighted {wall_negative_weight:g}{near}")
+    loss_description = ", ".join(loss_terms)
     t0 = time.time()
     best, best_score, history = None, -1e9, []
     out = Path(output)
@@ -1065,8 +1072,7 @@ def train(
                     "patch": patch,
                     "batch_size": batch_size,
                     "lr": lr,
-                    "loss": "BCEWithLogits + soft Dice (batch)" + (f", nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)" if size_balance_voxels > 0 else "")
-                    + (f", unlabelled voxels at the lung's wall weighted {wall_negative_weight:g}" + (f" within {wall_near_nodule_voxels} voxels of a nodule" if wall_near_nodule_voxels > 0 else "") if wall_negative_weight != 1.0 else ""),
+                    "loss": loss_description,
                     "optimizer": "AdamW, weight decay 1e-4, cosine decay",
                     "device": dev,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
