@@ -439,30 +439,21 @@ def test_missed_nodules_are_mined_and_drawn_missed_weight_times_as_often(synthet
 def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
     from LungNoduleAILib.cli import main
 
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--mix", "0.5,0.5"]) == 2
-    assert "--mix needs 4 non-negative fractions" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
     assert main(["pack", "--data-dir", str(tmp_path), "--output", str(tmp_path / "p.npz"), "--bits", "9"]) == 2
     assert "--bits must be 1..8" in capsys.readouterr().err
     assert not (tmp_path / "p.npz").exists()
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--ema", "1.5"]) == 2
-    assert "--ema is a decay per step in [0, 1)" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--faint-weight", "0"]) == 2
-    assert "--faint-weight is how many times as often" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--pleural-fraction", "1.5"]) == 2
-    assert "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--missed-weight", "3"]) == 2
-    assert "--missed-weight 3.0 needs --mine-hard-negatives" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--wall-negative-weight", "1.5"]) == 2
-    assert "--wall-negative-weight must lie between 0 and 1, got 1.5" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
-    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), "--wall-negative-weight", "0.3", "--wall-near-nodule", "-1"]) == 2
-    assert "--wall-near-nodule is a distance in voxels and must be >= 0" in capsys.readouterr().err
-    assert not (tmp_path / "m.json").exists()
+    for extra, message in (
+        (["--mix", "0.5,0.5"], "--mix needs 4 non-negative fractions"),
+        (["--ema", "1.5"], "--ema is a decay per step in [0, 1)"),
+        (["--faint-weight", "0"], "--faint-weight is how many times as often"),
+        (["--pleural-fraction", "1.5"], "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5"),
+        (["--missed-weight", "3"], "--missed-weight 3.0 needs --mine-hard-negatives"),
+        (["--wall-negative-weight", "1.5"], "--wall-negative-weight must lie between 0 and 1, got 1.5"),
+        (["--wall-negative-weight", "0.3", "--wall-near-nodule", "-1"], "--wall-near-nodule is a distance in voxels and must be >= 0"),
+    ):
+        assert main(["train", "--pack", str(tmp_path / "none.npz"), "--output", str(tmp_path / "m.json"), *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "m.json").exists()
 
 
 def test_nodule_context_tells_pleural_vascular_and_isolated_apart():
