@@ -28,6 +28,12 @@
 #   soup: the mean of the bundled model, e and f (`lungnoduleai average`), as 1.4.0 was made;
 #   e and f also keep their last step (e/lung_nodule_unet_last.json), to average without a
 #   checkpoint chosen on the validation cubes.
+# Stage 4 (`train_on_gpu.sh 4`, MINUTES=6.5, one H100): four fine-tunes of the bundled model side by side,
+# each the 45-minute CPU recipe of the model card (batch 16, lr 1e-4, --ema 0.998, at most 6500 steps) with
+# 3 patch workers, to be averaged here with `lungnoduleai average`:
+#   w41, w42: lighter negatives at the lung's wall (--wall-negative-weight 0.3), seeds 41 and 42;
+#   p43, p44: the plain recipe, seeds 43 and 44 (the control).
+#   Each run is tarred to $OUT/<run>.tar (best and last checkpoints, logs), since only 8 files come back.
 # Score each here with Testing/Scripts/evaluate_model.py before bundling any.
 # Where only a few files may come back, point OUT elsewhere and tar each of e, f and soup (~8 MB each).
 # Each writes its best checkpoint (by in-training validation) whenever it improves,
@@ -48,7 +54,21 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, monai, numpy, scipy; print('torch', torch.__version__, 'monai', monai.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
 common=(--pack "$PACK" --device cuda --workers "$WORKERS" --batch-size 32 --max-minutes "$MINUTES" --steps 1000000
         --seed 0 --mine-hard-negatives --mine-threshold 0.3)
-if [ "${1:-1}" = 3 ]; then
+if [ "${1:-1}" = 4 ]; then
+    WORK=${WORK:-/tmp/gpu4}
+    mkdir -p "$WORK"
+    stage4=(--pack "$PACK" --device "${DEVICE:-cuda}" --workers 3 --batch-size 16 --max-minutes "$MINUTES" --steps 6500
+            --mine-hard-negatives --mine-threshold 0.3 --val-every 600 --save-last --attached-weight 1.5 --small-weight 3
+            --size-balance 500 --faint-fraction 0.25 --ema 0.998 --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2
+            --scan-fp-weight 0.01 --lr 1e-4 --init "$BUNDLED")
+    runs=("w41 41 --wall-negative-weight 0.3" "w42 42 --wall-negative-weight 0.3" "p43 43" "p44 44")
+    for run in "${runs[@]}"; do
+        read -r name seed extra <<<"$run"
+        # shellcheck disable=SC2086  # $extra holds zero or more options
+        timeout "${LIMIT:-500}" python3 -m LungNoduleAILib.cli train "${stage4[@]}" --seed "$seed" $extra \
+            --output "$WORK/$name/lung_nodule_unet.json" >"$WORK/$name.log" 2>&1 &
+    done
+elif [ "${1:-1}" = 3 ]; then
     stage3=(--val-every 500 --save-last --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
             --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/e/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/e.log" 2>&1 &
@@ -66,4 +86,12 @@ wait
 if [ "${1:-1}" = 3 ] && [ -f "$OUT/e/lung_nodule_unet.json" ] && [ -f "$OUT/f/lung_nodule_unet.json" ]; then
     python3 -m LungNoduleAILib.cli average "$BUNDLED" "$OUT/e/lung_nodule_unet.json" "$OUT/f/lung_nodule_unet.json" --output "$OUT/soup/lung_nodule_unet.json" >"$OUT/soup.log" 2>&1
 fi
-tail -n 2 "$OUT"/*.log
+if [ "${1:-1}" = 4 ]; then
+    for run in "${runs[@]}"; do
+        read -r name _ <<<"$run"
+        (cd "$WORK" && tar cf "$OUT/$name.tar" "$name" "$name.log")
+        tail -n 2 "$WORK/$name.log"
+    done
+else
+    tail -n 2 "$OUT"/*.log
+fi
