@@ -54,15 +54,16 @@ fi
 export PYTHONPATH="$PWD/LungNoduleAI${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, monai, numpy, scipy; print('torch', torch.__version__, 'monai', monai.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
-common=(--pack "$PACK" --device cuda --workers "$WORKERS" --batch-size 32 --max-minutes "$MINUTES" --steps 1000000
-        --seed 0 --mine-hard-negatives --mine-threshold 0.3)
+mined=(--pack "$PACK" --max-minutes "$MINUTES" --mine-hard-negatives --mine-threshold 0.3)
+common=("${mined[@]}" --device cuda --workers "$WORKERS" --batch-size 32 --steps 1000000 --seed 0)
+# 1.3.0's settings (small and faint nodules weighed more, checkpoints chosen with weight on false responses)
+recipe130=(--save-last --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25
+           --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01)
 if [ "${1:-1}" = 4 ]; then
     WORK=${WORK:-/tmp/gpu4}
     mkdir -p "$WORK"
-    stage4=(--pack "$PACK" --device "${DEVICE:-cuda}" --workers 3 --batch-size 16 --max-minutes "$MINUTES" --steps 6500
-            --mine-hard-negatives --mine-threshold 0.3 --val-every 600 --save-last --attached-weight 1.5 --small-weight 3
-            --size-balance 500 --faint-fraction 0.25 --ema 0.998 --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2
-            --scan-fp-weight 0.01 --lr 1e-4 --init "$BUNDLED")
+    stage4=("${mined[@]}" "${recipe130[@]}" --device "${DEVICE:-cuda}" --workers 3 --batch-size 16 --steps 6500
+            --val-every 600 --ema 0.998 --lr 1e-4 --init "$BUNDLED")
     read -r s1 s2 s3 s4 <<<"${SEEDS:-41 42 43 44}"
     runs=("w$s1 $s1 --wall-negative-weight 0.3" "w$s2 $s2 --wall-negative-weight 0.3" "p$s3 $s3" "p$s4 $s4")
     for run in "${runs[@]}"; do
@@ -72,8 +73,7 @@ if [ "${1:-1}" = 4 ]; then
             --output "$WORK/$name/lung_nodule_unet.json" >"$WORK/$name.log" 2>&1 &
     done
 elif [ "${1:-1}" = 3 ]; then
-    stage3=(--val-every 500 --save-last --attached-weight 1.5 --small-weight 3 --size-balance 500 --faint-fraction 0.25 --ema 0.999
-            --mix 0.25,0.2,0.1,0.45 --fp-weight 0.2 --scan-fp-weight 0.01 --lr 2e-4)
+    stage3=("${recipe130[@]}" --val-every 500 --ema 0.999 --lr 2e-4)
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --output "$OUT/e/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/e.log" 2>&1 &
     python3 -m LungNoduleAILib.cli train "${common[@]}" "${stage3[@]}" --faint-weight 3 --attached-weight 3 --pleural-fraction 0.5 --output "$OUT/f/lung_nodule_unet.json" --init "$BUNDLED" >"$OUT/f.log" 2>&1 &
 elif [ "${1:-1}" = 2 ]; then
