@@ -64,8 +64,12 @@ def test_sphere_measurements(direction):
 
 def test_min_volume_threshold_and_limits():
     prob, ct = _spheres([((40, 40, 30), 1.0, 0.9), ((110, 60, 50), 5.0, 0.8)])
-    _, cands = extract_candidates(prob, ct, 0.3, min_volume_mm3=20.0)
-    assert len(cands) == 1 and cands[0].probability == pytest.approx(0.8)
+    labelmap, cands = extract_candidates(prob, ct, 0.3, min_volume_mm3=20.0)
+    assert len(cands) == 1
+    # its probability is the highest that a core of 20 mm3 reaches: the 33rd highest voxel (20 / 0.6125 mm3)
+    inside = np.sort(sitk.GetArrayViewFromImage(prob)[sitk.GetArrayViewFromImage(labelmap) == 1])[::-1]
+    assert cands[0].probability == pytest.approx(float(inside[32])) and 0.6 < cands[0].probability < 0.7
+    assert float(inside[0]) == pytest.approx(0.8)  # the maximum, one voxel
     _, none = extract_candidates(prob, ct, 0.95)
     assert none == []
     with pytest.raises(ValueError, match="outside"):
@@ -91,6 +95,28 @@ def test_segment_threshold_draws_the_candidate_at_its_own_extent():
     labelmap, merged = extract_candidates(prob2, ct2, 0.97, segment_threshold=0.5)
     assert len(extract_candidates(prob2, ct2, 0.97)[1]) == 2 and len(merged) == 1
     assert merged[0].probability == pytest.approx(0.99, abs=1e-3) and labelmap[(46, 40, 30)] == 1
+
+
+def test_a_candidate_listed_at_p_is_kept_by_a_run_at_p():
+    """A lone voxel above the rest does not lift a candidate: its probability is what a core of the
+    smallest candidate volume reaches, so raising the threshold to a listed p keeps that candidate."""
+    specs = [((40, 40, 30), 4.0, 0.95), ((110, 60, 50), 5.0, 0.8), ((70, 120, 60), 6.0, 0.7), ((120, 130, 20), 3.0, 0.92)]
+    prob, ct = _spheres(specs)
+    arr = sitk.GetArrayFromImage(prob)
+    for (i, j, k), _, _ in specs[1:3]:
+        arr[k, j, i] = 0.99  # one spiky voxel at the centre of two balls
+    spiky = sitk.GetImageFromArray(arr)
+    spiky.CopyInformation(prob)
+    _, low = extract_candidates(spiky, ct, 0.5, 5.0, segment_threshold=0.5)
+    assert len(low) == 4
+    assert all(c.probability < 0.99 for c in low)  # no candidate scored by its spike
+    for t in (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93):
+        _, at_t = extract_candidates(spiky, ct, t, 5.0, segment_threshold=0.5)
+        listed = sorted(tuple(c.center_ijk) for c in low if c.probability >= t)
+        assert sorted(tuple(c.center_ijk) for c in at_t) == listed, t
+    # with min_volume_mm3 = 0 the probability is the maximum voxel, spike included
+    _, peaks = extract_candidates(spiky, ct, 0.5, 0.0, segment_threshold=0.5)
+    assert sorted(round(c.probability, 2) for c in peaks) == [0.92, 0.95, 0.99, 0.99]
 
 
 def _dumbbell(radii_mm, gap_mm, neck_mm, peaks=(1.0, 1.0), spacing=SPACING, size=(120, 90, 60)):

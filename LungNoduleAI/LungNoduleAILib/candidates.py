@@ -21,7 +21,11 @@ class Candidate:
     Attributes:
         id: label value in the candidates labelmap (= rank).
         rank: 1 = most probable.
-        probability: maximum probability inside the candidate (0-1).
+        probability: the candidate's peak probability (0-1): from
+            :func:`extract_candidates`, the highest value that a core of the
+            smallest candidate volume reaches (the n-th highest voxel, n voxels
+            making ``min_volume_mm3``), so that a run at a threshold keeps
+            the candidates that a run at a lower one lists at or above it.
         probability_mean: mean probability inside the candidate (0-1).
         center_lps_mm: centroid in world LPS mm ``[x, y, z]``.
         center_ras_mm: centroid in world RAS mm ``[x, y, z]`` (Slicer).
@@ -93,6 +97,7 @@ def measure_candidates(
     ct_hu: sitk.Image,
     probability: sitk.Image | None = None,
     labels: Collection[int] | None = None,
+    peak_voxels: int = 1,
 ) -> list[Candidate]:
     """Measure every label of ``labelmap`` (on the CT grid).
 
@@ -103,6 +108,8 @@ def measure_candidates(
             it the probabilities are reported as 0).
         labels: measure only these labels (``None``: all); the others cost
             nothing (the per-slice diameter is the costly part).
+        peak_voxels: a candidate's probability is the ``peak_voxels``-th
+            highest probability among its voxels (1: the maximum).
 
     Returns:
         Candidates in label order (``id`` = label, ``rank`` = label).
@@ -118,6 +125,7 @@ def measure_candidates(
         pstats.Execute(probability, lab)
     voxel_mm3 = float(np.prod(ct_hu.GetSpacing()))
     lab_arr = sitk.GetArrayViewFromImage(lab)
+    p_arr = sitk.GetArrayViewFromImage(probability) if probability is not None and peak_voxels > 1 else None
     out = []
     for lbl in shape.GetLabels():
         if labels is not None and lbl not in labels:
@@ -127,11 +135,16 @@ def measure_candidates(
         centre_lps = list(shape.GetCentroid(lbl))
         crop = np.asarray(lab_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx]) == lbl
         vol = n * voxel_mm3
+        peak = float(pstats.GetMaximum(lbl)) if pstats else 0.0
+        if p_arr is not None:
+            inside = np.asarray(p_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx])[crop]
+            k = min(peak_voxels, inside.size)
+            peak = float(np.partition(inside, inside.size - k)[inside.size - k])
         out.append(
             Candidate(
                 id=int(lbl),
                 rank=int(lbl),
-                probability=float(pstats.GetMaximum(lbl)) if pstats else 0.0,
+                probability=peak,
                 probability_mean=float(pstats.GetMean(lbl)) if pstats else 0.0,
                 center_lps_mm=[round(v, 3) for v in centre_lps],
                 center_ras_mm=[round(v, 3) for v in lps_to_ras(centre_lps)],
@@ -180,8 +193,11 @@ def extract_candidates(
 
     Returns:
         ``(labelmap, candidates)``: uint16 labelmap on the CT grid with label
-        i = candidate of rank i, and the candidates sorted by maximum
-        probability (highest first).
+        i = candidate of rank i, and the candidates sorted by probability
+        (highest first). A candidate's probability is the ``n``-th highest
+        probability in it, ``n`` voxels making ``min_volume_mm3``: a lone
+        voxel above the rest scores no candidate higher than the threshold
+        that keeps it.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
@@ -201,7 +217,8 @@ def extract_candidates(
         components = regions
     if split_depth_mm:
         components, kept = split_at_necks(components, kept, probability, threshold, min_volume_mm3, split_depth_mm)
-    raw = measure_candidates(components, ct_hu, probability, labels=kept)
+    peak_voxels = max(1, math.ceil(min_volume_mm3 / voxel_mm3 - 1e-9))  # the smallest core that makes a candidate
+    raw = measure_candidates(components, ct_hu, probability, labels=kept, peak_voxels=peak_voxels)
     raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
     raw = raw[:max_candidates]
     labelmap = relabel(components, raw)

@@ -46,7 +46,7 @@ from LungNoduleAILib.train import NODULE_CONTEXTS, NODULE_DENSITIES, nodule_cont
 
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-"""Thresholds of the sweep (from one run at the lowest: max probability of each candidate >= t)."""
+"""Thresholds of the sweep (from one run at the lowest: probability of each candidate >= t)."""
 
 
 def val_cubes(data_dir: Path, seed: int, val_fraction: float = 0.15, training: bool = False) -> list[dict]:

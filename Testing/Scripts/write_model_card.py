@@ -132,7 +132,7 @@ def main() -> None:
     for s in fig["full_scans"]:
         top = "yes" if s["top_candidate_is_reference"] else ("n/a" if not s["reference_nodules"] else "no")
         lines.append(f"| {s['case']} | {s['reference_nodules']} | {s['references_found']} | {top} | {s['candidates']} | {s['on_excluded_findings']} | {s['false_positives']} |")
-    lines += ["", "False positives per threshold (components of one run at p >= 0.05 kept when their maximum reaches the threshold, which can differ by a candidate from a run at that threshold, whose components below 5 mm³ are dropped): " + "; ".join(
+    lines += ["", "False positives per threshold (candidates of one run at p >= 0.05 whose probability reaches the threshold; a candidate's probability is the highest value that a core of 5 mm³ of it reaches, as a run at that threshold requires, so this counts what such a run makes up to how regions split): " + "; ".join(
         f"p >= {t}: " + ", ".join(f"{s['case'][-4:]} {s['sweep'][t]['false_positives']}" for s in fig["full_scans"]) for t in fig["full_scans"][0]["sweep"]) + "."]
     fs = fig.get("full_scan_froc")
     if fs:
