@@ -205,7 +205,8 @@ def extract_candidates(
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(components)
     voxel_mm3 = float(np.prod(probability.GetSpacing()))
-    kept = {int(lbl) for lbl in shape.GetLabels() if shape.GetNumberOfPixels(lbl) * voxel_mm3 >= min_volume_mm3}
+    min_voxels = max(1, math.ceil(min_volume_mm3 / voxel_mm3 - 1e-9))  # the smallest core that makes a candidate
+    kept = {int(lbl) for lbl in shape.GetLabels() if shape.GetNumberOfPixels(lbl) >= min_voxels}
     if segment_threshold is not None and segment_threshold < threshold:
         regions = sitk.ConnectedComponent(sitk.BinaryThreshold(probability, float(segment_threshold), 1e9, 1, 0), True)
         core_arr, region_arr = sitk.GetArrayViewFromImage(components), sitk.GetArrayViewFromImage(regions)
@@ -217,8 +218,7 @@ def extract_candidates(
         components = regions
     if split_depth_mm:
         components, kept = split_at_necks(components, kept, probability, threshold, min_volume_mm3, split_depth_mm)
-    peak_voxels = max(1, math.ceil(min_volume_mm3 / voxel_mm3 - 1e-9))  # the smallest core that makes a candidate
-    raw = measure_candidates(components, ct_hu, probability, labels=kept, peak_voxels=peak_voxels)
+    raw = measure_candidates(components, ct_hu, probability, labels=kept, peak_voxels=min_voxels)  # scored by that core
     raw.sort(key=lambda c: (-c.probability, -c.volume_mm3))
     raw = raw[:max_candidates]
     labelmap = relabel(components, raw)
