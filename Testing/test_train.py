@@ -199,6 +199,7 @@ def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
     assert float(near[0, 0, 16, 12, 9]) == 0.25 and float(near[0, 0, 16, 17 + 3, 9]) == 0.25
     assert float(near[0, 0, 16, 17 + 4, 9]) == 1.0 and float(near[0, 0, 5, 5, 9]) == 1.0  # farther along the pleura: full weight
 
+
 def test_ema_keeps_the_average_of_the_weights(tmp_path, synthetic_cubes):
     """--ema: what is saved is the moving average, which starts at the initial weights; with a decay near 1 it stays there."""
     from LungNoduleAILib.model import read_weights
