@@ -123,6 +123,41 @@ def test_faint_pasting_lowers_nodule_contrast(synthetic_cubes):
     assert full > 100 and 0.3 * full < faint < 0.75 * full
 
 
+def test_fading_makes_real_nodules_faint_where_they_lie(synthetic_cubes):
+    """--fade-fraction: a nodule-cube crop shows its own nodule at 35-70 % of its contrast; the chest wall it leans on, the vessel and the lung around it stay as they were."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    from LungNoduleAILib.intensity import scale_intensity_uint8
+
+    wall_u8 = scale_intensity_uint8(np.array([40.0]), (-1000.0, 400.0))[0]
+    cubes = synthetic_cubes.cubes.copy()
+    walls = 25 + 3 + np.arange(12) % 4 + 1
+    for n in range(12):  # a chest wall that each nodule (centre x 25, radius 3-6) touches
+        cubes[n][:, :, walls[n]:] = wall_u8
+    data = dataclasses.replace(synthetic_cubes, cubes=cubes)
+    sampler = PatchSampler(data, 48, seed=3, lung_max_u8=91, mix=(1, 0, 0, 0), fade_fraction=1.0)
+    ratios = []
+    for k, n in enumerate(np.flatnonzero(~data.is_val)):
+        cube, faded, mask = data.cubes[n].astype(float), sampler._fade(k).astype(float), data.masks[n] > 0
+        lung_side = mask & (np.arange(50)[None, None, :] < 24)
+        ratios.append((faded[lung_side].mean() - 27.0) / (cube[lung_side].mean() - 27.0))  # lung is about -850 HU = 27 of 255
+        assert (faded[:, :, walls[n]:] == wall_u8).all()  # no dent in the wall where the nodule meets it
+        away = ~ndimage.binary_dilation(mask, iterations=4)
+        np.testing.assert_array_equal(faded[away], cube[away])  # lung and vessel untouched
+    assert 0.3 < min(ratios) and max(ratios) < 0.75 and max(ratios) - min(ratios) > 0.1
+
+    def contrast(fade: float) -> float:  # and the sampler's crops show them so
+        s = PatchSampler(synthetic_cubes, 48, seed=3, lung_max_u8=91, mix=(1, 0, 0, 0), fade_fraction=fade)
+        values = [float(v[lab > 0].mean()) for v, lab in (s.sample() for _ in range(30)) if lab.sum() > 20]
+        assert len(values) > 20
+        return float(np.mean(values)) - 27.0
+
+    full, faded_crops = contrast(0.0), contrast(1.0)
+    assert full > 100 and 0.3 * full < faded_crops < 0.75 * full
+
+
 def test_small_nodules_are_drawn_small_weight_times_as_often(synthetic_cubes):
     import dataclasses
 
@@ -448,6 +483,7 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
         (["--ema", "1.5"], "--ema is a decay per step in [0, 1)"),
         (["--faint-weight", "0"], "--faint-weight is how many times as often"),
         (["--pleural-fraction", "1.5"], "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5"),
+        (["--fade-fraction", "-0.1"], "--fade-fraction is a fraction of the nodule-cube crops and must be in [0, 1], got -0.1"),
         (["--missed-weight", "3"], "--missed-weight 3.0 needs --mine-hard-negatives"),
         (["--wall-negative-weight", "1.5"], "--wall-negative-weight must lie between 0 and 1, got 1.5"),
         (["--wall-negative-weight", "0.3", "--wall-near-nodule", "-1"], "--wall-near-nodule is a distance in voxels and must be >= 0"),

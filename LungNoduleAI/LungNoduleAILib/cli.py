@@ -97,6 +97,7 @@ def _add_train(sub) -> None:
     p.add_argument("--mix", default="0.3,0.25,0.15,0.3", help="fractions of nodule-cube crops, pasted nodules, nodule-free cubes and full-scan lung patches (default: %(default)s)")
     p.add_argument("--faint-fraction", type=float, default=0.0, help="fraction of pasted nodules made faint (35-70 %% of their contrast, like ground-glass nodules; default: %(default)s)")
     p.add_argument("--pleural-fraction", type=float, default=0.0, help="fraction of pasted nodules placed against the chest wall, mediastinum or diaphragm, their masks cut at the wall (juxtapleural; default: %(default)s)")
+    p.add_argument("--fade-fraction", type=float, default=0.0, help="fraction of real nodule-cube crops whose nodules are faded in place to 35-70 %% of their contrast: faint nodules against their own pleura and vessels (default: %(default)s)")
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--missed-weight", type=float, default=1.0, help="with --mine-hard-negatives: draw the training nodules that the mining model does not find at the model's threshold this many times as often (hard positives; default: %(default)s)")
     p.add_argument("--wall-negative-weight", type=float, default=1.0, help="weight (0-1) of the unlabelled voxels where lung meets chest wall, mediastinum or diaphragm, so that negatives press less on juxtapleural nodules (default: %(default)s = as any voxel)")
@@ -380,9 +381,9 @@ def _run_train(args) -> int:
         if not value > 0:
             print(f"error: {name} is how many times as often such nodules are drawn and must be > 0 (1 = as often as others), got {value}", file=sys.stderr)
             return 2
-    for name, value in (("--faint-fraction", args.faint_fraction), ("--pleural-fraction", args.pleural_fraction)):
+    for name, value, what in (("--faint-fraction", args.faint_fraction, "pasted nodules"), ("--pleural-fraction", args.pleural_fraction, "pasted nodules"), ("--fade-fraction", args.fade_fraction, "nodule-cube crops")):
         if not 0.0 <= value <= 1.0:
-            print(f"error: {name} is a fraction of the pasted nodules and must be in [0, 1], got {value}", file=sys.stderr)
+            print(f"error: {name} is a fraction of the {what} and must be in [0, 1], got {value}", file=sys.stderr)
             return 2
     if args.missed_weight != 1.0 and not args.mine_hard_negatives:
         print(f"error: --missed-weight {args.missed_weight} needs --mine-hard-negatives: the mining run finds the missed training nodules", file=sys.stderr)
@@ -407,7 +408,7 @@ def _run_train(args) -> int:
         faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
         faint_weight=args.faint_weight, save_last=args.save_last, pleural_fraction=args.pleural_fraction,
         missed_weight=args.missed_weight, wall_negative_weight=args.wall_negative_weight,
-        wall_near_nodule_voxels=args.wall_near_nodule,
+        wall_near_nodule_voxels=args.wall_near_nodule, fade_fraction=args.fade_fraction,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

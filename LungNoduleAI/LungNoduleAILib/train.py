@@ -375,7 +375,7 @@ class PatchSampler:
     def __init__(
         self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
         hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0, faint_weight: float = 1.0,
-        pleural_fraction: float = 0.0, missed_weight: float = 1.0,
+        pleural_fraction: float = 0.0, missed_weight: float = 1.0, fade_fraction: float = 0.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -407,6 +407,7 @@ class PatchSampler:
         self.lung_max_u8 = lung_max_u8
         self.faint_fraction = faint_fraction  # pasted nodules made faint (35-70 % of their contrast), like ground-glass nodules
         self.pleural_fraction = pleural_fraction  # pasted nodules placed against thick tissue (chest wall, mediastinum, diaphragm)
+        self.fade_fraction = fade_fraction  # real nodules made faint where they lie (35-70 % of their contrast), in their own pleura and vessels
         self.mix = np.array(mix) / np.sum(mix)
         self.scans = data.scans
         self.air = 0
@@ -451,6 +452,25 @@ class PatchSampler:
             values = np.where(wall, c[tuple(i[mb] for i in nearest)] + noise, values)
         out[m] = np.clip(values, 0, 255).astype(np.uint8)
         return out
+
+    def _fade(self, i: int) -> np.ndarray:
+        """Training cube ``i`` with its nodules faded in place to 35-70 % of their contrast.
+
+        Each voxel of a nodule mask and of its blurred rim in the lung moves
+        from its value towards the erased cube's (lung parenchyma), keeping
+        35-70 % of what it stands above it; the chest wall, mediastinum or
+        diaphragm beside the mask is left as it is. An attached nodule so
+        becomes a faint attached nodule in its own surroundings: the kind
+        that the pasted faint nodules, placed in other lungs, rarely give.
+        The labels do not change.
+        """
+        mask = self.labels[i] > 0
+        cube, erased = self.cubes[i].astype(np.float32), self.erased[i].astype(np.float32)
+        blend = np.clip(ndimage.gaussian_filter(mask.astype(np.float32), 1.0, mode="constant") * 1.6, 0, 1)  # the mask and its blurred rim
+        blend[_thick_tissue(np.where(mask, 0, self.cubes[i]), self.lung_max_u8) & ~mask] = 0.0  # the wall next to a nodule stays as it is
+        alpha = self.rng.uniform(0.35, 0.7)
+        faded = cube - (1.0 - alpha) * blend * np.maximum(cube - erased, 0.0)  # only what the nodule adds over its surroundings
+        return np.clip(np.rint(faded), 0, 255).astype(np.uint8)
 
     @staticmethod
     def _sprite(cube: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -556,7 +576,8 @@ class PatchSampler:
             if len(self.hard_cube) and self.rng.random() < 0.3:
                 return self._hard_cube_patch()
             i = int(self.rng.choice(n, p=self.nodule_p))
-            vol, lab = self._random_crop(self.cubes[i], self.labels[i], 8)
+            cube = self._fade(i) if self.fade_fraction and self.rng.random() < self.fade_fraction else self.cubes[i]
+            vol, lab = self._random_crop(cube, self.labels[i], 8)
             return np.ascontiguousarray(vol), np.ascontiguousarray(lab)
         if kind in (1, 2):
             i = int(self.rng.integers(n))
@@ -911,6 +932,7 @@ def train(
     missed_weight: float = 1.0,
     wall_negative_weight: float = 1.0,
     wall_near_nodule_voxels: int = 0,
+    fade_fraction: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -937,6 +959,10 @@ def train(
     ``pleural_fraction``: this fraction of pasted nodules is placed against
     the chest wall, mediastinum or diaphragm of the patch (juxtapleural), its
     mask cut at the wall.
+    ``fade_fraction``: this fraction of the nodule-cube crops shows its real
+    nodules faded in place to 35-70 % of their contrast
+    (:meth:`PatchSampler._fade`): faint nodules against their own pleura and
+    vessels.
     ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
     voxels of small nodules more (:func:`size_balanced_weights`).
     ``wall_negative_weight``: when < 1, the cross-entropy weighs the
@@ -981,6 +1007,8 @@ def train(
     min_voxels = max(1, int(round(spec.min_volume_mm3 / float(np.prod(spec.spacing_mm)))))
     if not 0.0 <= wall_negative_weight <= 1.0:
         raise ValueError(f"wall_negative_weight={wall_negative_weight} must lie between 0 and 1")
+    if not 0.0 <= fade_fraction <= 1.0:
+        raise ValueError(f"fade_fraction={fade_fraction} is a fraction of the nodule-cube crops and must lie between 0 and 1")
     if wall_near_nodule_voxels < 0:
         raise ValueError(f"wall_near_nodule_voxels={wall_near_nodule_voxels} must be >= 0 (0 = the whole wall)")
     if missed_weight != 1.0 and not mine_hard:
@@ -1003,7 +1031,7 @@ def train(
     lung_max = int(scale_intensity_uint8(np.array([-500.0]), spec.hu_window)[0])
     sampler = PatchSampler(
         data, patch, seed * 7919 + rank, lung_max, mix=mix, attached_weight=attached_weight, hu_window=spec.hu_window, faint_fraction=faint_fraction, small_weight=small_weight,
-        faint_weight=faint_weight, pleural_fraction=pleural_fraction, missed_weight=missed_weight,
+        faint_weight=faint_weight, pleural_fraction=pleural_fraction, missed_weight=missed_weight, fade_fraction=fade_fraction,
     )
     averaged = None
     if ema > 0:
@@ -1083,6 +1111,7 @@ def train(
                     "small_weight": small_weight,
                     "faint_weight": faint_weight,
                     "pleural_fraction": pleural_fraction,
+                    "fade_fraction": fade_fraction,
                     "missed_weight": missed_weight,
                     "wall_negative_weight": wall_negative_weight,
                     "wall_near_nodule_voxels": wall_near_nodule_voxels,

@@ -34,6 +34,7 @@ def training_lines(t: dict) -> list:
     if t.get("mix"):
         lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; faint pasted nodules {t.get('faint_fraction', 0.0)}; "
                      + (f"pasted nodules placed against the chest wall, mediastinum or diaphragm (masks cut at the wall) {t['pleural_fraction']}; " if t.get("pleural_fraction") else "")
+                     + (f"nodule-cube crops with their nodules faded in place to 35-70 % of their contrast {t['fade_fraction']}; " if t.get("fade_fraction") else "")
                      + f"patches drawn by {t.get('workers', 0)} worker processes."
                      + (f" Weights kept as an exponential moving average (decay {t['ema']} per step)." if t.get("ema") else ""))
     if t.get("selection"):
