@@ -33,9 +33,9 @@
 # bundled model side by side, each the 45-minute CPU recipe of the model card (batch 16, lr 1e-4, --ema 0.998,
 # 6500 steps, the cosine decay over the steps unless MINUTES runs out first) with 3 patch workers, to be
 # averaged here with `lungnoduleai average`. With SEEDS="s1 s2 s3 s4" (default "41 42 43 44"):
-#   w<s1>, w<s2>: the options in TRIAL (default: lighter negatives at the lung's wall, --wall-negative-weight 0.3),
-#                 named TAG<seed> (TAG default w); e.g. TRIAL="--attached-weight 3 --faint-weight 3 --fade-fraction 0.5" TAG=f
-#                 for real nodules faded in place (tried once on the CPU, see the model card);
+#   <TAG><s1>, <TAG><s2>: the options in TRIAL (default: lighter negatives at the lung's wall, --wall-negative-weight 0.3),
+#                 TAG default w; e.g. TRIAL="--attached-weight 3 --faint-weight 3 --fade-fraction 0.5" TAG=f
+#                 for real nodules faded in place (two CPU seeds so far, see the model card);
 #   p<s3>, p<s4>: the plain recipe (the control).
 #   Each run is tarred to $OUT/<run>.tar (best and last checkpoints, logs), since only 8 files come back.
 # Score each here with Testing/Scripts/evaluate_model.py before bundling any.
