@@ -465,11 +465,11 @@ class PatchSampler:
         The labels do not change.
         """
         nz = np.argwhere(self.labels[i] > 0)
-        # the blur reaches 4 voxels past a mask, and the opening that finds the wall looks 6 further: the same result as on the whole cube
+        # _soft_mask reaches 4 voxels past a mask, and the opening that finds the wall looks 6 further: the same result as on the whole cube
         box = tuple(slice(max(0, a - 10), b + 11) for a, b in zip(nz.min(0), nz.max(0)))
         mask = self.labels[i][box] > 0
         cube, erased = self.cubes[i][box].astype(np.float32), self.erased[i][box].astype(np.float32)
-        blend = np.clip(ndimage.gaussian_filter(mask.astype(np.float32), 1.0, mode="constant") * 1.6, 0, 1)  # the mask and its blurred rim
+        blend = _soft_mask(mask)
         blend[_thick_tissue(np.where(mask, 0, self.cubes[i][box]), self.lung_max_u8) & ~mask] = 0.0  # the wall next to a nodule stays as it is
         alpha = self.rng.uniform(0.35, 0.7)
         faded = cube - (1.0 - alpha) * blend * np.maximum(cube - erased, 0.0)  # only what the nodule adds over its surroundings
@@ -484,7 +484,7 @@ class PatchSampler:
         hi = np.minimum(nz.max(0) + 4, mask.shape)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         m = mask[sl]
-        blend = np.clip(ndimage.gaussian_filter(m.astype(np.float32), 1.0, mode="constant") * 1.6, 0, 1)
+        blend = _soft_mask(m)
         return cube[sl], m, blend
 
     def _random_crop(self, vol: np.ndarray, lab: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -861,6 +861,11 @@ def _scan_false_responses(net, scan: tuple, device: str, threshold: float, min_v
 def _false_components(prob: np.ndarray, threshold: float, min_voxels: int, keep_out: np.ndarray | None = None) -> list[list[int]]:
     """Centres ``[z, y, x]`` of components of ``prob >= threshold`` that do not touch ``keep_out``."""
     return [[int(round(v)) for v in c] for c, voxels in _components(prob >= threshold, min_voxels) if keep_out is None or not keep_out[voxels].any()]
+
+
+def _soft_mask(mask: np.ndarray) -> np.ndarray:
+    """A binary mask blurred (Gaussian, 1 voxel; it reaches 4 voxels past the mask) and raised so that it is about 1 inside: float32 in [0, 1], how much of a nodule shows at each voxel when it is pasted or faded."""
+    return np.clip(ndimage.gaussian_filter(mask.astype(np.float32), 1.0, mode="constant") * 1.6, 0, 1)
 
 
 def _ball(radius: int) -> np.ndarray:
