@@ -165,3 +165,70 @@ def test_excluded_csv_without_a_size_counts_as_10_mm(tmp_path):
     path = tmp_path / "excluded.csv"
     path.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,1,2,3,-1\n", encoding="utf-8")
     assert read_reference_csv(path)["1.2.3"][0].diameter_mm == 10.0
+
+
+LUNA_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("csv_as_result", "is not JSON"),
+        ("json_not_a_result", "not a detection result"),
+        ("missing_result", "does not exist"),
+        ("same_scan_twice", "are both for '1.2.3'"),
+        ("coordinate_not_a_number", "line 2: coordX, coordY, coordZ and diameter_mm must be numbers"),
+        ("no_result_matches", "series map"),
+        ("cubes_csv_without_diameter", "lacks column(s) ['diameter_mm']"),
+    ],
+)
+def test_bad_evaluation_input_is_refused_with_what_to_do(tmp_path, case, message):
+    from LungNoduleAILib.evaluate import read_reference_csv, read_results, scans_from_cubes, scans_from_references
+
+    res = tmp_path / "results"
+    res.mkdir()
+    _result(res / "a_nodules.json", "a", [cand(0, 0.9)], series_uid="1.2.3")
+    ann = tmp_path / "ann.csv"
+    ann.write_text(LUNA_HEADER + "1.2.3,0,0,0,10\n")
+    paths = [res]
+    if case == "csv_as_result":
+        (tmp_path / "a_nodules.csv").write_text("rank,probability\n1,0.9\n")
+        paths = [tmp_path / "a_nodules.csv"]
+    elif case == "json_not_a_result":
+        (tmp_path / "evaluation.json").write_text(json.dumps({"cpm": 0.9}))
+        paths = [tmp_path / "evaluation.json"]
+    elif case == "missing_result":
+        paths = [res / "a_nodules.json", tmp_path / "gone_nodules.json"]
+    elif case == "same_scan_twice":
+        (tmp_path / "again").mkdir()
+        _result(tmp_path / "again" / "a_nodules.json", "a_copy", [cand(30, 0.8)], series_uid="1.2.3")
+        paths = [res, tmp_path / "again"]
+    elif case == "coordinate_not_a_number":
+        ann.write_text(LUNA_HEADER + "1.2.3,12.5mm,0,0,10\n")
+    elif case == "no_result_matches":
+        ann.write_text(LUNA_HEADER + "9.9.9,0,0,0,10\n")
+    with pytest.raises(ValueError) as err:
+        results = read_results(paths)
+        if case == "cubes_csv_without_diameter":
+            (tmp_path / "cubes.csv").write_text("image,mask,seriesuid\na.mha,a_seg.mha,1.2.3\n")
+            scans_from_cubes(results, tmp_path / "cubes.csv")
+        scans_from_references(results, read_reference_csv(ann))
+    assert message in str(err.value)
+
+
+def test_evaluate_command_refuses_bad_input_and_keeps_an_earlier_report(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    _result(res / "a_nodules.json", "a", [cand(0, 0.9)])
+    (tmp_path / "ann.csv").write_text(LUNA_HEADER + "1.2.3,0,0,0,10\n")
+    (tmp_path / "map.csv").write_text("name,uid\na,1.2.3\n")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "evaluation.json").write_text('{"cpm": 0.5}')
+    proc = subprocess.run(
+        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--annotations", str(tmp_path / "ann.csv"), "--series-map", str(tmp_path / "map.csv"), "--output-dir", str(out)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "needs case,seriesuid" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "evaluation.json").read_text() == '{"cpm": 0.5}'

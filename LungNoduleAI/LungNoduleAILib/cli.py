@@ -337,8 +337,11 @@ def _run_evaluate(args) -> int:
         else:
             names = {}
             if args.series_map:
-                with open(args.series_map, newline="") as f:
-                    names = {r["case"]: r["seriesuid"] for r in _csv.DictReader(f)}
+                with open(args.series_map, newline="", encoding="utf-8") as f:
+                    reader = _csv.DictReader(f)
+                    if not {"case", "seriesuid"} <= set(reader.fieldnames or []):
+                        raise ValueError(f"--series-map '{args.series_map}' has columns {reader.fieldnames}; it needs case,seriesuid (a result's input name, its series UID).")
+                    names = {r["case"]: r["seriesuid"] for r in reader}
             scans, notes = scans_from_references(results, read_reference_csv(args.annotations), read_reference_csv(args.excluded) if args.excluded else None, names)
         threshold = args.threshold if args.threshold is not None else float(next(iter(results.values())).get("threshold", 0.5))
         ev = evaluate(scans, threshold, args.bootstrap)

@@ -260,10 +260,17 @@ def read_reference_csv(path: str | os.PathLike) -> dict[str, list[Finding]]:
         if missing:
             raise ValueError(f"'{path}' lacks column(s) {sorted(missing)}: a LUNA16 CSV has seriesuid,coordX,coordY,coordZ,diameter_mm.")
         for row in reader:
-            d = float(row.get("diameter_mm") or 0.0)
+            try:
+                d = float(row.get("diameter_mm") or 0.0)
+                centre = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"'{path}' line {reader.line_num}: coordX, coordY, coordZ and diameter_mm must be numbers (mm), got "
+                    f"{[row.get(k) for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')]}."
+                ) from None
             if d < 0:  # LUNA16: excluded findings without a size count as 10 mm
                 d = EXCLUDED_DEFAULT_DIAMETER_MM
-            out.setdefault(row["seriesuid"], []).append(Finding((float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])), d))
+            out.setdefault(row["seriesuid"], []).append(Finding(centre, d))
     return out
 
 
@@ -278,11 +285,21 @@ def read_results(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
         files += sorted(p.glob("*_nodules.json")) if p.is_dir() else [p]
     if not files:
         raise ValueError(f"No *_nodules.json results found in {[str(p) for p in paths]}.")
-    out = {}
+    out: dict[str, dict] = {}
     for f in files:
-        report = json.loads(f.read_text(encoding="utf-8"))
+        if not f.is_file():
+            raise ValueError(f"Result '{f}' does not exist: give the *_nodules.json files (or their folders) that 'lungnoduleai detect' wrote.")
+        try:
+            report = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"Result '{f}' is not JSON ({exc}): give the *_nodules.json files that 'lungnoduleai detect' wrote, not its CSV or images.") from None
+        if not isinstance(report, dict) or not isinstance(report.get("input"), dict) or "name" not in report["input"] or not isinstance(report.get("candidates"), list):
+            raise ValueError(f"Result '{f}' is JSON but not a detection result (it needs 'input' with a 'name' and a 'candidates' list): give the *_nodules.json files that 'lungnoduleai detect' wrote.")
         report["_file"] = str(f)
-        out[report["input"].get("series_uid") or report["input"]["name"]] = report
+        key = report["input"].get("series_uid") or report["input"]["name"]
+        if key in out:
+            raise ValueError(f"Results '{out[key]['_file']}' and '{f}' are both for '{key}': each scan may be evaluated once; leave one of them out.")
+        out[key] = report
     return out
 
 
@@ -305,6 +322,12 @@ def scans_from_references(
         uid = names.get(key, key)
         seen.add(uid)
         scans.append(match_scan(key, report["candidates"], references.get(uid, []), excluded.get(uid, [])))
+    if references and not seen & set(references):
+        raise ValueError(
+            f"None of the {len(results)} result(s) ({', '.join(sorted(results)[:3])}{' ...' if len(results) > 3 else ''}) is a series of the annotations "
+            f"({', '.join(sorted(references)[:3])}{' ...' if len(references) > 3 else ''}). Results match by their DICOM series UID, or else by "
+            "input name: for results from NIfTI/NRRD files give a series map (case,seriesuid; --series-map)."
+        )
     missing = sorted(set(references) - seen)
     if missing:
         notes.append(f"{len(missing)} annotated scan(s) have no result and are not evaluated: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -322,8 +345,15 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
     """
     rows = {}
     with open(cubes_csv, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            rows[Path(row["image"]).name.split(".")[0]] = (float(row["diameter_mm"]), row.get("seriesuid", ""))
+        reader = csv.DictReader(f)
+        missing = {"image", "diameter_mm"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"'{cubes_csv}' lacks column(s) {sorted(missing)}: a cubes CSV has image,mask,seriesuid,diameter_mm (as shared/data/cubes/cubes.csv).")
+        for row in reader:
+            try:
+                rows[Path(row["image"]).name.split(".")[0]] = (float(row["diameter_mm"]), row.get("seriesuid") or "")
+            except (TypeError, ValueError):
+                raise ValueError(f"'{cubes_csv}' line {reader.line_num}: diameter_mm must be a number (mm), got {row.get('diameter_mm')!r}.") from None
     cubes, notes = [], []
     for key, report in results.items():
         name = report["input"]["name"]
