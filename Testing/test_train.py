@@ -493,6 +493,26 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
         assert not (tmp_path / "m.json").exists()
 
 
+def test_train_and_pack_refuse_missing_or_wrong_inputs(tmp_path, capsys, synthetic_cubes):
+    """A wrong --pack, --data-dir or --init gets an error that says what to give, not a traceback, and no model is written."""
+    from LungNoduleAILib.cli import main
+
+    (tmp_path / "notes.npz").write_text("not a pack")
+    save_pack(synthetic_cubes, tmp_path / "pack.npz")
+    (tmp_path / "empty").mkdir()
+    for args, message in (
+        (["train", "--pack", str(tmp_path / "none.npz")], "Data pack '" + str(tmp_path / "none.npz") + "' does not exist: write one with 'lungnoduleai pack"),
+        (["train", "--pack", str(tmp_path / "notes.npz")], "is not a data pack written by 'lungnoduleai pack'"),
+        (["train", "--data-dir", str(tmp_path / "empty")], "has no cubes/cubes.csv: give the folder laid out like shared/data"),
+        (["pack", "--data-dir", str(tmp_path / "empty")], "has no cubes/cubes.csv"),
+        (["train", "--pack", str(tmp_path / "pack.npz"), "--init", str(tmp_path / "gone.json")], "--init '" + str(tmp_path / "gone.json") + "': no weights"),
+        (["train", "--pack", str(tmp_path / "pack.npz"), "--mine-hard-negatives", "--mine-with", str(tmp_path / "gone.json")], "--mine-with '"),
+    ):
+        assert main([*args, "--output", str(tmp_path / "m.json" if args[0] == "train" else tmp_path / "p.npz")]) == 2, args
+        assert message in capsys.readouterr().err, args
+        assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.npz").exists()
+
+
 def test_nodule_context_tells_pleural_vascular_and_isolated_apart():
     from LungNoduleAILib.train import nodule_context
 

@@ -400,8 +400,16 @@ def _run_train(args) -> int:
     if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
         print(f"error: --mix needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{args.mix}'", file=sys.stderr)
         return 2
+    for name, model in (("--init", args.init), ("--mine-with", args.mine_with)):
+        if model and not Path(model).with_suffix(".pt").is_file():
+            print(f"error: {name} '{model}': no weights '{Path(model).with_suffix('.pt')}'. Give a model's .json (or .pt) with its weights beside it, e.g. LungNoduleAI/Resources/Models/lung_nodule_unet.json", file=sys.stderr)
+            return 2
     scans = [s for s in args.scans.split(",") if s]
-    data = load_pack(args.pack) if args.pack else prepare_training_data(args.data_dir, spec, scans, seed=args.seed)
+    try:
+        data = load_pack(args.pack) if args.pack else prepare_training_data(args.data_dir, spec, scans, seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     command = "lungnoduleai " + " ".join(shlex.quote(a) for a in args.argv)
     record = train(
         data, args.output, spec, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
@@ -424,7 +432,11 @@ def _run_pack(args) -> int:
     if not 1 <= args.bits <= 8:
         print(f"error: --bits must be 1..8 (8 = lossless), got {args.bits}", file=sys.stderr)
         return 2
-    data = prepare_training_data(args.data_dir, ModelSpec(), [s for s in args.scans.split(",") if s], seed=args.seed)
+    try:
+        data = prepare_training_data(args.data_dir, ModelSpec(), [s for s in args.scans.split(",") if s], seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     save_pack(data, args.output, bits=args.bits, cube_size=args.cube_size, scan_margin=args.scan_margin)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.1f} MB): {data.meta}")
     return 0

@@ -144,7 +144,10 @@ def prepare_training_data(
     from .preprocess import compute_lung_mask, orient_lps, resample_like, resample_to_spacing
 
     data_dir = Path(data_dir)
-    rows = list(csv.DictReader(open(data_dir / "cubes" / "cubes.csv", newline="")))
+    if not (data_dir / "cubes" / "cubes.csv").is_file():
+        raise ValueError(f"'{data_dir}' has no cubes/cubes.csv: give the folder laid out like shared/data (cubes/cubes.csv with the cubes, scans/*.nii.gz).")
+    with open(data_dir / "cubes" / "cubes.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     if max_cubes:
         rows = rows[:max_cubes]
     size = 50
@@ -284,9 +287,18 @@ def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_s
 
 
 def load_pack(path: str | os.PathLike, seed: int = 0) -> TrainingData:
-    """Read a pack written by :func:`save_pack` (intensities of a pack of fewer than 8 bits are dithered back to uint8 with ``seed``)."""
-    z = np.load(path, allow_pickle=False)
-    meta = json.loads(str(z["meta"]))
+    """Read a pack written by :func:`save_pack` (intensities of a pack of fewer than 8 bits are dithered back to uint8 with ``seed``).
+
+    Raises:
+        ValueError: ``path`` is missing or is no such pack.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"Data pack '{path}' does not exist: write one with 'lungnoduleai pack --data-dir DIR --output {path}', or train from --data-dir.")
+    try:
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"'{path}' is not a data pack written by 'lungnoduleai pack' ({exc}).") from None
     shift = 8 - int(meta.get("pack", {}).get("bits", 8))
     rng = np.random.default_rng(seed)
 
