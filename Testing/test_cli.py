@@ -94,6 +94,8 @@ def test_bad_options_are_refused():
     assert proc.returncode == 2 and "--threshold 3.0 is outside (0, 1)" in proc.stderr
     proc = run_cli("detect", SAMPLE_CT, "--output-dir", "x", "--model", "/nonexistent/model.json")
     assert proc.returncode == 2 and "not found" in proc.stderr
+    proc = run_cli("detect", SAMPLE_CT, "--output-dir", "x", "--model", str(REPO / "README.md"))  # not a model at all
+    assert proc.returncode == 2 and "README.md' is not a model: give a model's .json" in proc.stderr
 
 
 def test_help_lists_every_command():

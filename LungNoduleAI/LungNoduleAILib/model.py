@@ -168,8 +168,9 @@ def _model_files(path: str | os.PathLike) -> tuple[Path, ModelSpec, Path]:
         ValueError: either file is missing.
     """
     p = Path(path)
-    if p.suffix != ".json":
-        p = p.with_suffix(".json")
+    if p.suffix not in ("", ".json", ".pt"):
+        raise ValueError(f"'{p}' is not a model: give a model's .json metadata (or its .pt weights with the .json beside it).")
+    p = p.with_suffix(".json")
     if not p.exists():
         raise ValueError(f"Model metadata '{p}' not found. Give --model PATH of a model's .json file.")
     spec = ModelSpec.from_json(p)
