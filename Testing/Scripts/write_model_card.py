@@ -37,6 +37,9 @@ def training_lines(t: dict) -> list:
                      + (f"nodule-cube crops with their nodules faded in place to 35-70 % of their contrast {t['fade_fraction']}; " if t.get("fade_fraction") else "")
                      + f"patches drawn by {t.get('workers', 0)} worker processes."
                      + (f" Weights kept as an exponential moving average (decay {t['ema']} per step)." if t.get("ema") else ""))
+    if t.get("checkpoint") == "last":
+        lines.append(f"- Weights kept: the last step (`--save-last`), not a checkpoint chosen on validation. Validation split by series (seed {t.get('data', {}).get('split_seed')}): at the last step {json.dumps(t.get('last_validation', {}))}.")
+        return lines
     if t.get("selection"):
         sel = t["selection"]
         lines.append(
@@ -44,6 +47,21 @@ def training_lines(t: dict) -> list:
             + (f" - {sel['scan_fp_weight']} x false responses in the training scans' lungs" if sel.get("scan_fp_weight") else "") + f", at p >= {sel['threshold']}."
         )
     lines.append(f"- Validation split by series (seed {t.get('data', {}).get('split_seed')}): best in-training validation {json.dumps(best)}.")
+    return lines
+
+
+def ingredient_lines(ingredients: list, heading: str, prefix: str) -> list:
+    """The card's sections for the ingredients of an averaged model; an ingredient that is itself an average lists its own below it."""
+    lines = []
+    for i, ing in enumerate(ingredients, 1):
+        number = f"{prefix}{i}"
+        lines += ["", f"{heading} Ingredient {number}: `{ing['model']}` (version {ing['version']}, sha256 `{ing['sha256'][:16]}…`)"]
+        t = ing["training"]
+        if t.get("ingredients"):
+            lines += [f"- The {t['method']}, ingredients {number}.1-{number}.{len(t['ingredients'])}.", f"- Command: `{t.get('command', '?')}`"]
+            lines += ingredient_lines(t["ingredients"], heading + "#", number + ".")
+        else:
+            lines += training_lines(t)
     return lines
 
 
@@ -88,9 +106,8 @@ def main() -> None:
         lines += [
             f"- The weights are the {t['method']} (`lungnoduleai average`, `LungNoduleAILib.model.average_models`): fine-tunes of one model; the run-time settings started as the first one's (Notes say where they changed since).",
             f"- Command: `{t.get('command', '?')}`",
+            *ingredient_lines(t["ingredients"], "###", ""),
         ]
-        for i, ing in enumerate(t["ingredients"], 1):
-            lines += ["", f"### Ingredient {i}: `{ing['model']}` (version {ing['version']}, sha256 `{ing['sha256'][:16]}…`)", *training_lines(ing["training"])]
     else:
         lines += training_lines(t)
     lines += [
