@@ -34,8 +34,9 @@
 # 6500 steps, the cosine decay over the steps unless MINUTES runs out first) with 3 patch workers, to be
 # averaged here with `lungnoduleai average`. With SEEDS="s1 s2 s3 s4" (default "41 42 43 44"):
 #   <TAG><s1>, <TAG><s2>: the options in TRIAL (default: lighter negatives at the lung's wall, --wall-negative-weight 0.3),
-#                 TAG default w; e.g. TRIAL="--attached-weight 3 --faint-weight 3 --fade-fraction 0.5" TAG=f
-#                 for real nodules faded in place (two CPU seeds so far, see the model card);
+#                 TAG default w; e.g. TRIAL="--fade-fraction 0.5" TAG=f for real nodules faded in place, the
+#                 option of 1.4.2's fine-tune (on the CPU: two seeds with it alone, two more with
+#                 --attached-weight 3 --faint-weight 3 as well; see the model card);
 #   p<s3>, p<s4>: the plain recipe (the control).
 #   Each run is tarred to $OUT/<run>.tar (best and last checkpoints, logs), since only 8 files come back.
 # Score each here with Testing/Scripts/evaluate_model.py before bundling any.
