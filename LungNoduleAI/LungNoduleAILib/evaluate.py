@@ -325,8 +325,8 @@ def scans_from_references(
     if references and not seen & set(references):
         raise ValueError(
             f"None of the {len(results)} result(s) ({', '.join(sorted(results)[:3])}{' ...' if len(results) > 3 else ''}) is a series of the annotations "
-            f"({', '.join(sorted(references)[:3])}{' ...' if len(references) > 3 else ''}). Results match by their DICOM series UID, or else by "
-            "input name: for results from NIfTI/NRRD files give a series map (case,seriesuid; --series-map)."
+            f"({', '.join(sorted(references)[:3])}{' ...' if len(references) > 3 else ''}), so no reference nodule is left to find. Results match by their "
+            "DICOM series UID, or else by input name: for results from NIfTI/NRRD files give a series map (case,seriesuid; --series-map)."
         )
     missing = sorted(set(references) - seen)
     if missing:
