@@ -117,35 +117,32 @@ def measure_candidates(
     lab = sitk.Cast(labelmap, sitk.sitkUInt32)
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(lab)
-    hu = sitk.LabelStatisticsImageFilter()
-    hu.Execute(ct_hu, lab)
-    pstats = None
-    if probability is not None:
-        pstats = sitk.LabelStatisticsImageFilter()
-        pstats.Execute(probability, lab)
     voxel_mm3 = float(np.prod(ct_hu.GetSpacing()))
     lab_arr = sitk.GetArrayViewFromImage(lab)
-    p_arr = sitk.GetArrayViewFromImage(probability) if probability is not None and peak_voxels > 1 else None
+    hu_arr = sitk.GetArrayViewFromImage(ct_hu)
+    p_arr = sitk.GetArrayViewFromImage(probability) if probability is not None else None
     out = []
     for lbl in shape.GetLabels():
         if labels is not None and lbl not in labels:
             continue
         n = int(shape.GetNumberOfPixels(lbl))
         x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(lbl)
+        box = (slice(z0, z0 + sz), slice(y0, y0 + sy), slice(x0, x0 + sx))  # HU and p statistics on the label's box, not the whole grid
         centre_lps = list(shape.GetCentroid(lbl))
-        crop = np.asarray(lab_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx]) == lbl
+        crop = np.asarray(lab_arr[box]) == lbl
         vol = n * voxel_mm3
-        peak = float(pstats.GetMaximum(lbl)) if pstats else 0.0
+        peak = mean_p = 0.0
         if p_arr is not None:
-            inside = np.asarray(p_arr[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx])[crop]
+            inside = np.asarray(p_arr[box])[crop]
             k = min(peak_voxels, inside.size)
             peak = float(np.partition(inside, inside.size - k)[inside.size - k])
+            mean_p = float(inside.mean(dtype=np.float64))
         out.append(
             Candidate(
                 id=int(lbl),
                 rank=int(lbl),
                 probability=peak,
-                probability_mean=float(pstats.GetMean(lbl)) if pstats else 0.0,
+                probability_mean=mean_p,
                 center_lps_mm=[round(v, 3) for v in centre_lps],
                 center_ras_mm=[round(v, 3) for v in lps_to_ras(centre_lps)],
                 center_ijk=[round(v, 3) for v in ct_hu.TransformPhysicalPointToContinuousIndex(centre_lps)],
@@ -153,7 +150,7 @@ def measure_candidates(
                 volume_mm3=round(vol, 3),
                 diameter_mm=round((6.0 * vol / math.pi) ** (1.0 / 3.0), 3),
                 longest_axial_diameter_mm=round(longest_axial_diameter_mm(crop, ct_hu.GetSpacing()[:2]), 3),
-                mean_hu=round(float(hu.GetMean(lbl)), 1),
+                mean_hu=round(float(np.asarray(hu_arr[box])[crop].mean(dtype=np.float64)), 1),
                 voxels=n,
             )
         )
