@@ -207,10 +207,11 @@ def test_bad_evaluation_input_is_refused_with_what_to_do(tmp_path, case, message
         ann.write_text(LUNA_HEADER + "1.2.3,12.5mm,0,0,10\n")
     elif case == "no_result_matches":
         ann.write_text(LUNA_HEADER + "9.9.9,0,0,0,10\n")
+    elif case == "cubes_csv_without_diameter":
+        (tmp_path / "cubes.csv").write_text("image,mask,seriesuid\na.mha,a_seg.mha,1.2.3\n")
     with pytest.raises(ValueError) as err:
         results = read_results(paths)
         if case == "cubes_csv_without_diameter":
-            (tmp_path / "cubes.csv").write_text("image,mask,seriesuid\na.mha,a_seg.mha,1.2.3\n")
             scans_from_cubes(results, tmp_path / "cubes.csv")
         scans_from_references(results, read_reference_csv(ann))
     assert message in str(err.value)
