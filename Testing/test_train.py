@@ -210,6 +210,32 @@ def test_size_balanced_weights_favour_small_nodules():
     assert float(size_balanced_weights(y, 5000.0)[0].max()) == 10.0  # capped
 
 
+def test_zoom_rescales_patch_and_label_together_about_the_centre():
+    """--zoom: a 16 mm sphere at the patch centre grows by the factor (voxels by its cube), stays centred and labelled where it is bright; the patch keeps its size."""
+    import torch
+
+    from LungNoduleAILib.train import _augment, _zoom
+
+    c = torch.arange(48.0) - 23.5
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    y = ((zz**2 + yy**2 + xx**2) <= 8.0**2).float()[None, None]
+    x = 0.1 + 0.7 * y
+    for factor in (1.25, 0.8):
+        xz, yz = _zoom(x, y, factor)
+        assert xz.shape == x.shape and yz.shape == y.shape
+        assert abs(float(yz.sum() / y.sum()) - factor**3) < 0.1 * factor**3, factor
+        idx = torch.nonzero(yz[0, 0]).float().mean(dim=0)
+        assert torch.allclose(idx, torch.full((3,), 23.5), atol=0.6), idx
+        assert float(xz[yz > 0].min()) > 0.45 and float(xz[yz == 0].max()) < 0.45  # the label follows the bright sphere
+    assert _zoom(x, y, 1.001)[1] is y  # a factor that does not change the size: untouched
+    # zoom 0 draws nothing more from the generator: batches of earlier runs (same seed) are unchanged
+    a = _augment(x, y, torch.Generator().manual_seed(5))
+    b = _augment(x, y, torch.Generator().manual_seed(5), zoom=0.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    sizes = {int(_augment(x, y, torch.Generator().manual_seed(s), zoom=0.25)[1].sum()) for s in range(12)}
+    assert min(sizes) < int(y.sum()) < max(sizes)  # some batches shrunk, some enlarged
+
+
 def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
     """--wall-negative-weight: unlabelled voxels where lung meets a thick wall weigh less; a thin vessel's surroundings and nodule voxels do not."""
     import torch
@@ -484,6 +510,7 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
         (["--faint-weight", "0"], "--faint-weight is how many times as often"),
         (["--pleural-fraction", "1.5"], "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5"),
         (["--fade-fraction", "-0.1"], "--fade-fraction is a fraction of the nodule-cube crops and must be in [0, 1], got -0.1"),
+        (["--zoom", "1.5"], "--zoom must lie between 0 (off) and 1 (factors 0.5-2), e.g. 0.25 for factors 0.8-1.25, got 1.5"),
         (["--missed-weight", "3"], "--missed-weight 3.0 needs --mine-hard-negatives"),
         (["--wall-negative-weight", "1.5"], "--wall-negative-weight must lie between 0 and 1, got 1.5"),
         (["--wall-negative-weight", "0.3", "--wall-near-nodule", "-1"], "--wall-near-nodule is a distance in voxels and must be >= 0"),

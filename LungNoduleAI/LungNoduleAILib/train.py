@@ -625,12 +625,16 @@ class PatchSampler:
         return vol, lab
 
 
-def _augment(x, y, gen):
+def _augment(x, y, gen, zoom: float = 0.0):
     """Batch augmentation on torch tensors ``(B, 1, P, P, P)``: flips, axial rot90,
-    intensity scale/shift, noise, and simulated thick slices."""
+    intensity scale/shift, noise, simulated thick slices and, with ``zoom`` > 0,
+    half of the batches rescaled by :func:`_zoom`."""
     import torch
     import torch.nn.functional as F
 
+    if zoom > 0 and torch.rand(1, generator=gen).item() < 0.5:
+        u = torch.rand(1, generator=gen).item() * 2 - 1
+        x, y = _zoom(x, y, float((1.0 + zoom) ** u))
     for ax in (2, 3, 4):
         if torch.rand(1, generator=gen).item() < 0.5:
             x, y = x.flip(ax), y.flip(ax)
@@ -647,6 +651,27 @@ def _augment(x, y, gen):
         p = x.shape[2]
         x = F.interpolate(F.interpolate(x, size=(max(8, int(p / f)), p, p), mode="trilinear", align_corners=False), size=(p, p, p), mode="trilinear", align_corners=False)
     return x, y
+
+
+def _zoom(x, y, factor: float):
+    """Rescale patches ``(B, 1, P, P, P)`` about their centre by ``factor`` (> 1: nodules and
+    vessels look larger, as at finer voxels), keeping the patch size: an enlarged patch is
+    cropped centrally, a shrunk one padded by mirroring. Labels follow (trilinear, >= 0.5)."""
+    import torch.nn.functional as F
+
+    p = x.shape[2]
+    n = max(8, int(round(p * factor)))
+    if n == p:
+        return x, y
+    x = F.interpolate(x, size=(n, n, n), mode="trilinear", align_corners=False)
+    y = (F.interpolate(y, size=(n, n, n), mode="trilinear", align_corners=False) >= 0.5).to(y.dtype)
+    if n > p:
+        a = (n - p) // 2
+        return x[:, :, a : a + p, a : a + p, a : a + p].contiguous(), y[:, :, a : a + p, a : a + p, a : a + p].contiguous()
+    a, b = (p - n) // 2, p - n - (p - n) // 2
+    pads = (a, b, a, b, a, b)
+    mode = "reflect" if max(a, b) < n else "replicate"
+    return F.pad(x, pads, mode=mode), F.pad(y, pads, mode=mode)
 
 
 def size_balanced_weights(y, reference_voxels: float, max_weight: float = 10.0):
@@ -701,17 +726,17 @@ def wall_negative_weights(x, y, wall_weight: float, lung_max: float, wall_voxels
     return 1.0 - (1.0 - wall_weight) * at_wall
 
 
-def _draw_batch(sampler: PatchSampler, batch_size: int, gen):
+def _draw_batch(sampler: PatchSampler, batch_size: int, gen, zoom: float = 0.0):
     """One augmented batch: ``(x float32 (B, 1, P, P, P) in [0, 1], y float32 (B, 1, P, P, P))``."""
     import torch
 
     batch = [sampler.sample() for _ in range(batch_size)]
     x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None].astype(np.float32) / 255.0)
     y = torch.from_numpy(np.stack([b[1] for b in batch])[:, None].astype(np.float32))
-    return _augment(x, y, gen)
+    return _augment(x, y, gen, zoom)
 
 
-def _batch_stream(sampler: PatchSampler, batch_size: int, seed: int, workers: int, pin_memory: bool = False):
+def _batch_stream(sampler: PatchSampler, batch_size: int, seed: int, workers: int, pin_memory: bool = False, zoom: float = 0.0):
     """An endless iterator of augmented batches.
 
     With ``workers`` = 0 the batches are drawn in this process (the CPU
@@ -724,7 +749,7 @@ def _batch_stream(sampler: PatchSampler, batch_size: int, seed: int, workers: in
     if workers <= 0:
         gen = torch.Generator().manual_seed(seed)
         while True:
-            yield _draw_batch(sampler, batch_size, gen)
+            yield _draw_batch(sampler, batch_size, gen, zoom)
 
     class _Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -734,7 +759,7 @@ def _batch_stream(sampler: PatchSampler, batch_size: int, seed: int, workers: in
             sampler.rng = np.random.default_rng([seed, wid])
             gen = torch.Generator().manual_seed(seed + 7 * (wid + 1))
             while True:
-                yield _draw_batch(sampler, batch_size, gen)
+                yield _draw_batch(sampler, batch_size, gen, zoom)
 
     loader = torch.utils.data.DataLoader(
         _Stream(), batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4, persistent_workers=True, multiprocessing_context="fork"
@@ -955,6 +980,7 @@ def train(
     wall_negative_weight: float = 1.0,
     wall_near_nodule_voxels: int = 0,
     fade_fraction: float = 0.0,
+    zoom: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -985,6 +1011,10 @@ def train(
     nodules faded in place to 35-70 % of their contrast
     (:meth:`PatchSampler._fade`): faint nodules against their own pleura and
     vessels.
+    ``zoom``: when > 0, half of the batches are rescaled about their centre
+    by a factor drawn log-uniformly in ``[1 / (1 + zoom), 1 + zoom]``
+    (:func:`_zoom`), so that the network meets nodules, vessels and pleura
+    at sizes and voxel spacings it would otherwise not.
     ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
     voxels of small nodules more (:func:`size_balanced_weights`).
     ``wall_negative_weight``: when < 1, the cross-entropy weighs the
@@ -1031,6 +1061,8 @@ def train(
         raise ValueError(f"wall_negative_weight={wall_negative_weight} must lie between 0 and 1")
     if not 0.0 <= fade_fraction <= 1.0:
         raise ValueError(f"fade_fraction={fade_fraction} is a fraction of the nodule-cube crops and must lie between 0 and 1")
+    if not 0.0 <= zoom <= 1.0:
+        raise ValueError(f"zoom={zoom} must lie between 0 (off) and 1 (factors 0.5-2); e.g. 0.25 for factors 0.8-1.25")
     if wall_near_nodule_voxels < 0:
         raise ValueError(f"wall_near_nodule_voxels={wall_near_nodule_voxels} must be >= 0 (0 = the whole wall)")
     if missed_weight != 1.0 and not mine_hard:
@@ -1064,7 +1096,7 @@ def train(
     use_amp = dev.startswith("cuda")
     if use_amp:
         torch.backends.cudnn.benchmark = True
-    stream = _batch_stream(sampler, batch_size, seed * 1000 + rank, workers, pin_memory=use_amp)
+    stream = _batch_stream(sampler, batch_size, seed * 1000 + rank, workers, pin_memory=use_amp, zoom=zoom)
     loss_terms = ["BCEWithLogits + soft Dice (batch)"]
     if size_balance_voxels > 0:
         loss_terms.append(f"nodule voxels weighted by clip({size_balance_voxels:g}/n, 1, 10)")
@@ -1134,6 +1166,7 @@ def train(
                     "faint_weight": faint_weight,
                     "pleural_fraction": pleural_fraction,
                     "fade_fraction": fade_fraction,
+                    "zoom": zoom,
                     "missed_weight": missed_weight,
                     "wall_negative_weight": wall_negative_weight,
                     "wall_near_nodule_voxels": wall_near_nodule_voxels,

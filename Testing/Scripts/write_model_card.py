@@ -29,7 +29,8 @@ def training_lines(t: dict) -> list:
             else []
         ),
         "- Negatives: training cubes with their nodule erased, and lung patches of the full scan(s) named in the data (half centred on dense tissue inside the lung), kept 12+ mm away from anything an LIDC reader marked; with --mine-hard-negatives, patches centred where the starting model fired wrongly.",
-        "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices.",
+        "- Augmentation: flips, axial 90° rotations, intensity scale/shift, noise, simulated thick slices"
+        + (f"; half of the batches rescaled by a random factor in [1/{1 + t['zoom']:g}, {1 + t['zoom']:g}]." if t.get("zoom") else "."),
     ]
     if t.get("mix"):
         lines.append(f"- Batch mix (nodule-cube crops, pasted nodules, nodule-free cubes, full-scan lung patches): {t['mix']}; attached-nodule weight {t.get('attached_weight')}; faint pasted nodules {t.get('faint_fraction', 0.0)}; "
