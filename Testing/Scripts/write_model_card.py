@@ -66,6 +66,32 @@ def ingredient_lines(ingredients: list, heading: str, prefix: str) -> list:
     return lines
 
 
+WEAK_SPOTS = (
+    ("sensitivity_by_context", "pleural/mediastinal", "isolated", "against the pleura or mediastinum"),
+    ("sensitivity_by_context", "vascular", "isolated", "next to a vessel"),
+    ("sensitivity_by_density", "faint", "dense", "faint (ground-glass, part-solid, small and blurred)"),
+)
+"""(figure key, group, group it is compared with, words for the reader) of the validation cubes."""
+
+
+def weak_spot_lines(vc: dict | None) -> list[str]:
+    """The kinds of nodule found less often than their counterpart on the validation cubes, said to the reader."""
+    if not vc:
+        return []
+    weak, versus = [], {}
+    for key, group, other, words in WEAK_SPOTS:
+        rates = vc.get(key, {})
+        if group in rates and other in rates and rates[group]["sensitivity"] < rates[other]["sensitivity"]:
+            weak.append(f"{words} {rates[group]['found']}/{rates[group]['n']}")
+            versus[other] = f"{other} {rates[other]['found']}/{rates[other]['n']}"
+    if not weak:
+        return []
+    return [
+        "Found less often on the held-out cubes at the default threshold: nodules " + ", ".join(weak) + ", against " + " and ".join(versus.values())
+        + ". Where a missed nodule matters, read the lung edges and along the vessels as well; the candidates do not replace that."
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", type=Path)
@@ -177,6 +203,7 @@ def main() -> None:
         "",
         "## Intended use and limits",
         "Research and annotation support: candidates are suggestions for a reader to review, not a diagnosis. Trained on few scanners and one full scan's negatives; expect more false candidates on unusual scans (contrast, artefacts, pathology such as fibrosis).",
+        *weak_spot_lines(vc),
         "",
     ]
     out = args.model.parent / "MODEL_CARD.md"
