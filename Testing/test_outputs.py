@@ -149,3 +149,40 @@ def test_existing_outputs_are_kept_without_overwrite(tmp_path, tiny_model):
     with pytest.raises(FileExistsError):
         Detector(tiny_model).detect_to_files(path, out)
     assert first.outputs["json"].read_text() == before
+
+
+def test_background_loading_detects_alike_and_reports_a_bad_model_once_the_ct_is_read(tmp_path, tiny_model, capsys):
+    """Detector(background=True), as `lungnoduleai detect` runs: its settings at once, the same outputs as a model loaded first;
+    weights that do not fit are reported when detection needs them, with no output left, and the CLI stops with that error."""
+    import shutil
+
+    import torch
+
+    from LungNoduleAILib.cli import main
+
+    path = _write_ct(tmp_path)
+    detector = Detector(tiny_model.path, "cpu", background=True)
+    assert detector.spec.name == "tiny-test-unet" and detector.spec.threshold == 0.5
+    background = detector.detect_to_files(path, tmp_path / "bg", threshold=0.3)
+    first = Detector(tiny_model).detect_to_files(path, tmp_path / "first", threshold=0.3)
+    assert np.array_equal(sitk.GetArrayFromImage(background.probability), sitk.GetArrayFromImage(first.probability))
+    assert [c.to_dict() for c in background.candidates] == [c.to_dict() for c in first.candidates]
+    assert "model_load_wait" in json.loads(background.outputs["json"].read_text())["timings_s"]
+    assert detector.model.sha256 == tiny_model.sha256
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(tiny_model.path, bad / "tiny.json")
+    torch.save({"not.a.layer": torch.zeros(3)}, bad / "tiny.pt")
+    detector = Detector(bad / "tiny.json", "cpu", background=True)  # the files exist: no error yet
+    with pytest.raises(ValueError, match="do not fit the architecture"):
+        detector.detect_to_files(path, tmp_path / "bad_out")
+    assert detector.load_failed
+    assert not (tmp_path / "bad_out").exists() or list((tmp_path / "bad_out").iterdir()) == []
+    second = tmp_path / "phantom2.nrrd"
+    shutil.copy(path, second)
+    capsys.readouterr()
+    assert main(["detect", str(path), str(second), "--model", str(bad / "tiny.json"), "--output-dir", str(tmp_path / "cli_out")]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the architecture" in err and "phantom" not in err  # the model's error, said once, not each input's
+    assert not (tmp_path / "cli_out").exists() or list((tmp_path / "cli_out").iterdir()) == []

@@ -253,22 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_detect(args, inputs=None, png=None, overwrite=None) -> int:
-    from .inference import DetectionCancelled
+    from .model import read_model_spec
     from .pipeline import Detector
 
     inputs = inputs or args.inputs
     png = args.png if png is None else png
     overwrite = args.overwrite if overwrite is None else overwrite
     lines = getattr(args, "progress_lines", False)
+    model = args.model if hasattr(args, "model") else None
     try:
-        detector = Detector(args.model if hasattr(args, "model") else None, args.device)
+        spec = read_model_spec(model)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        print(f"error: --threshold {args.threshold} is outside (0, 1); give a probability such as {detector.model.spec.threshold}.", file=sys.stderr)
+        print(f"error: --threshold {args.threshold} is outside (0, 1); give a probability such as {spec.threshold}.", file=sys.stderr)
         return 2
-    print(f"model {detector.model.spec.name} {detector.model.spec.version} on {detector.model.device}", flush=True)
+    print(f"model {spec.name} {spec.version} (device: {args.device})", flush=True)
+    detector = Detector(model, args.device, background=True)  # the network loads while the first CT is read and prepared
+    try:
+        return _detect_inputs(detector, args, inputs, png, overwrite, lines)
+    finally:
+        detector.join()
+
+
+def _detect_inputs(detector, args, inputs, png, overwrite, lines) -> int:
+    from .inference import DetectionCancelled
+
     progress = _Progress(lines, len(inputs))
     failed = []
     for i, path in enumerate(inputs):
@@ -286,6 +297,9 @@ def _run_detect(args, inputs=None, png=None, overwrite=None) -> int:
             return 3
         except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
             progress.end()
+            if detector.load_failed:  # the model, not this input: every input would fail alike
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                return 2
             failed.append(path)
             print(f"error: {path}: {exc}", file=sys.stderr, flush=True)
             if lines:

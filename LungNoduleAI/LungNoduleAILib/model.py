@@ -180,6 +180,15 @@ def _model_files(path: str | os.PathLike) -> tuple[Path, ModelSpec, Path]:
     return p, spec, weights
 
 
+def read_model_spec(path: str | os.PathLike | None = None) -> ModelSpec:
+    """A model's settings from its metadata JSON (``None`` = the bundled model), without torch.
+
+    Raises:
+        ValueError: the metadata or the weights it names are missing.
+    """
+    return _model_files(path if path else default_model_path())[1]
+
+
 def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> LoadedModel:
     """Load a model from its metadata JSON (or a weights file with a JSON beside it).
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from . import __version__
 from .candidates import Candidate, extract_candidates, restrict_to_lung
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
-from .model import LoadedModel, load_model
+from .model import LoadedModel, load_model, read_model_spec
 from .rescore import apply_rescorer
 from .preprocess import lung_crop, orient_lps, resample_like, resample_to_spacing, scale_intensity
 from .writers import (
@@ -127,14 +128,72 @@ class Detector:
     Args:
         model: a :class:`LoadedModel`, or a metadata path (``None`` = bundled model).
         device: ``auto|cpu|cuda`` (ignored when ``model`` is already loaded).
+        background: load the network (importing torch and MONAI, several
+            seconds on a CPU) in a thread, so that reading and preparing the
+            first CT overlap it; :attr:`spec` is there at once, :attr:`model`
+            and :attr:`predictor` wait for the load. The model files are
+            checked before the constructor returns either way.
+
+    Raises:
+        ValueError: the model files are missing, or (without ``background``;
+            with it, on first use of :attr:`model`) the weights do not fit or
+            the device is not available.
     """
 
-    def __init__(self, model: LoadedModel | str | os.PathLike | None = None, device: str = "auto"):
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, device)
-        spec = self.model.spec
-        self.predictor = SlidingWindowPredictor(
-            self.model.network, spec.roi_size, spec.overlap, self.model.device, flip_axes=spec.tta_flips, flip_min_probability=spec.tta_min_probability
-        )
+    def __init__(self, model: LoadedModel | str | os.PathLike | None = None, device: str = "auto", background: bool = False):
+        self._model: LoadedModel | None = None
+        self._predictor = None
+        self._load_error: BaseException | None = None
+        self._loading: threading.Thread | None = None
+        if isinstance(model, LoadedModel):
+            self._model = model
+        elif background:
+            self.spec = read_model_spec(model)  # missing files: refused now, not after the CT was read
+            self._loading = threading.Thread(target=self._load, args=(model, device), name="LungNoduleAI model loading", daemon=True)
+            self._loading.start()
+        else:
+            self._model = load_model(model, device)
+        if self._model is not None:
+            self.spec = self._model.spec
+
+    def _load(self, model, device: str) -> None:
+        try:
+            self._model = load_model(model, device)
+        except BaseException as exc:  # re-raised in the caller's thread by `model`
+            self._load_error = exc
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model (waits for a background load; re-raises its error)."""
+        self.join()
+        if self._load_error is not None:
+            raise self._load_error
+        return self._model
+
+    def join(self) -> None:
+        """Wait for a background load to end, without raising its error (e.g. before the process exits)."""
+        if self._loading is not None:
+            self._loading.join()
+            self._loading = None
+
+    @property
+    def load_failed(self) -> bool:
+        """Whether loading the model (in the background) failed: every detection would fail alike."""
+        return self._load_error is not None
+
+    @property
+    def predictor(self):
+        """``predictor(volume, progress, should_cancel) -> probability``: the model's sliding-window predictor unless replaced."""
+        if self._predictor is None:
+            model, spec = self.model, self.spec
+            self._predictor = SlidingWindowPredictor(
+                model.network, spec.roi_size, spec.overlap, model.device, flip_axes=spec.tta_flips, flip_min_probability=spec.tta_min_probability
+            )
+        return self._predictor
+
+    @predictor.setter
+    def predictor(self, value) -> None:
+        self._predictor = value
 
     def detect(
         self,
@@ -156,7 +215,7 @@ class Detector:
         """
         if isinstance(ct, sitk.Image):
             ct = CTVolume(image=ct, path="<memory>", name="volume")
-        spec = self.model.spec
+        spec = self.spec
         threshold = spec.threshold if threshold is None else float(threshold)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as {spec.threshold}.")
@@ -191,6 +250,10 @@ class Detector:
         timings["lung_mask"] = time.perf_counter() - t
 
         stage("inference")
+        if self._loading is not None:  # a background load not finished yet: its wait is not inference
+            t = time.perf_counter()
+            self.model
+            timings["model_load_wait"] = time.perf_counter() - t
         t = time.perf_counter()
         arr = sitk.GetArrayViewFromImage(resampled)
         volume = scale_intensity(np.asarray(arr[sl]), spec.hu_window)
