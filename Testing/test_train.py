@@ -236,6 +236,29 @@ def test_zoom_rescales_patch_and_label_together_about_the_centre():
     assert min(sizes) < int(y.sum()) < max(sizes)  # some batches shrunk, some enlarged
 
 
+def test_peak_loss_pushes_the_best_core_inside_each_labelled_patch():
+    """--peak-weight: -log sigmoid of the best 3-voxel core inside the labels, per labelled patch; low when a core is confident, high when none is; patches without labels add nothing."""
+    import torch
+
+    from LungNoduleAILib.train import peak_loss
+
+    y = torch.zeros(3, 1, 16, 16, 16)
+    y[0, 0, 6:10, 6:10, 6:10] = 1
+    y[1, 0, 2:5, 2:5, 2:5] = 1
+    logits = torch.full(y.shape, -6.0)
+    logits[0, 0, 7:10, 7:10, 7:10] = 6.0  # a confident 3-voxel core in patch 0's nodule
+    logits[2] = 6.0  # patch 2 has no label: its logits do not matter
+    loss = peak_loss(logits, y)
+    assert abs(float(loss) - 0.5 * (torch.nn.functional.softplus(torch.tensor(-6.0)) + torch.nn.functional.softplus(torch.tensor(6.0)))) < 1e-4
+    logits.requires_grad_(True)
+    peak_loss(logits, y).backward()
+    grad = logits.grad
+    assert float(grad[2].abs().sum()) == 0.0  # no label, no push
+    assert float(grad[1][y[1] == 0].abs().sum()) < float(grad[1].abs().sum())  # the push lands on the nodule's core
+    assert float(grad[1].sum()) < 0  # gradient descent raises it
+    assert float(peak_loss(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 8))) == 0.0
+
+
 def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
     """--wall-negative-weight: unlabelled voxels where lung meets a thick wall weigh less; a thin vessel's surroundings and nodule voxels do not."""
     import torch
@@ -510,6 +533,7 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
         (["--faint-weight", "0"], "--faint-weight is how many times as often"),
         (["--pleural-fraction", "1.5"], "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5"),
         (["--fade-fraction", "-0.1"], "--fade-fraction is a fraction of the nodule-cube crops and must be in [0, 1], got -0.1"),
+        (["--peak-weight", "-1"], "--peak-weight must be >= 0 (0 = off), got -1.0"),
         (["--zoom", "1.5"], "--zoom must lie between 0 (off) and 1 (factors 0.5-2), e.g. 0.25 for factors 0.8-1.25, got 1.5"),
         (["--missed-weight", "3"], "--missed-weight 3.0 needs --mine-hard-negatives"),
         (["--wall-negative-weight", "1.5"], "--wall-negative-weight must lie between 0 and 1, got 1.5"),
