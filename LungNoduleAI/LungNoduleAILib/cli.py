@@ -300,6 +300,8 @@ def _detect_inputs(detector, args, inputs, png, overwrite, lines) -> int:
             progress.end()
             if detector.load_failed:  # the model, not this input: every input would fail alike
                 print(f"error: {exc}", file=sys.stderr, flush=True)
+                if lines:  # what the Slicer module shows as the reason
+                    print(ERROR_PREFIX + json.dumps({"input": str(path), "error": str(exc)}), flush=True)
                 return 2
             failed.append(path)
             print(f"error: {path}: {exc}", file=sys.stderr, flush=True)
