@@ -36,7 +36,9 @@
 #   <TAG><s1>, <TAG><s2>: the options in TRIAL (default: lighter negatives at the lung's wall, --wall-negative-weight 0.3),
 #                 TAG default w; e.g. TRIAL="--fade-fraction 0.5" TAG=f for real nodules faded in place, the
 #                 option of 1.4.2's fine-tune (on the CPU: two seeds with it alone, two more with
-#                 --attached-weight 3 --faint-weight 3 as well; see the model card);
+#                 --attached-weight 3 --faint-weight 3 as well; see the model card); next, the loss on each
+#                 nodule's best core, the first option that found a missed attached nodule on the CPU (W = 0.1,
+#                 at the cost of false candidates): TRIAL="--fade-fraction 0.5 --peak-weight 0.05" TAG=k;
 #   p<s3>, p<s4>: the plain recipe (the control).
 #   Each run is tarred to $OUT/<run>.tar (best and last checkpoints, logs), since only 8 files come back.
 # Score each here with Testing/Scripts/evaluate_model.py before bundling any.
