@@ -443,7 +443,9 @@ def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
          "--output", str(tmp_path / "ddp.json"), "--steps", "3", "--batch-size", "2", "--patch", "32", "--val-every", "3", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=env,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # on failure, show what each rank said, not only the launcher's summary of rank 0's traceback
+    other_ranks = "\n".join(line for line in proc.stderr.splitlines() if not line.lstrip().startswith("[rank0]"))
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stderr without rank 0's lines:\n{other_ranks[-6000:]}\n--- stderr, end:\n{proc.stderr[-2000:]}"
     meta = json.loads((tmp_path / "ddp.json").read_text())
     assert meta["training"]["world_size"] == 2
     load_model(tmp_path / "ddp.json", "cpu")

@@ -1228,6 +1228,7 @@ def train(
             last_record = {k: v for k, v in spec.training.items() if k != "best_validation"}
             last_record.update(checkpoint="last", last_validation=history[-1])
             save_model(kept, replace(spec, training=last_record), out.with_name(out.stem + "_last.json"))
-    if distributed:
+    if distributed:  # tear down together: the other ranks wait here until rank 0 has validated and saved
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return spec.training
