@@ -439,7 +439,7 @@ def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "LungNoduleAILib.cli", "train", "--pack", str(tmp_path / "pack.npz"),
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "LungNoduleAILib.cli", "train", "--pack", str(tmp_path / "pack.npz"),
          "--output", str(tmp_path / "ddp.json"), "--steps", "3", "--batch-size", "2", "--patch", "32", "--val-every", "3", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=env,
     )
