@@ -106,8 +106,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     detector = Detector(args.model, device="cpu")
-    spec = detector.model.spec
-    detector.predictor = ViewsPredictor(detector.predictor.network, spec.roi_size, spec.overlap, views, scales)
+    spec = detector.spec
+    detector.predictor = ViewsPredictor(detector.model.network, spec.roi_size, spec.overlap, views, scales)
     threshold = spec.threshold if args.threshold is None else args.threshold
     fig = {"views": args.views, "scales": scales, "threshold": threshold,
            "validation_cubes": evaluate_model.evaluate_cubes(detector, args.data_dir, threshold, args.seed, 0.05)}
