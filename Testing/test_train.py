@@ -259,6 +259,33 @@ def test_peak_loss_pushes_the_best_core_inside_each_labelled_patch():
     assert float(peak_loss(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 8))) == 0.0
 
 
+def test_background_peak_loss_pushes_down_the_best_core_away_from_the_labels():
+    """--background-peak-weight: -log(1 - sigmoid) of the best 3-voxel core over 3 voxels from the labels, per patch;
+    high where a false core is confident, low where none is; the nodule and its rim get no push."""
+    import torch
+    import torch.nn.functional as F
+
+    from LungNoduleAILib.train import background_peak_loss
+
+    y = torch.zeros(2, 1, 16, 16, 16)
+    y[0, 0, 6:10, 6:10, 6:10] = 1
+    logits = torch.full(y.shape, -6.0)
+    logits[0, 0, 5:11, 5:11, 5:11] = 6.0  # the nodule of patch 0 and a 1-voxel rim: confident, rightly
+    logits[1, 0, 2:5, 2:5, 2:5] = 6.0  # a confident false core in patch 1
+    loss = background_peak_loss(logits, y)
+    assert abs(float(loss) - 0.5 * (F.softplus(torch.tensor(-6.0)) + F.softplus(torch.tensor(6.0)))) < 1e-4
+    logits.requires_grad_(True)
+    background_peak_loss(logits, y).backward()
+    grad = logits.grad
+    near = F.max_pool3d(y, 7, stride=1, padding=3) > 0
+    assert float(grad[0][near[0]].abs().sum()) == 0.0  # nothing near the nodule is pushed
+    assert float(grad[1, 0, 2:5, 2:5, 2:5].sum()) > 0  # gradient descent lowers the false core
+    pushed = grad[1, 0] != 0
+    assert int(pushed.sum()) == int(pushed[1:6, 1:6, 1:6].sum()) > 0  # and only around it
+    full = torch.ones(1, 1, 8, 8, 8)
+    assert float(background_peak_loss(torch.zeros(1, 1, 8, 8, 8), full)) == 0.0  # all labelled: nothing to push
+
+
 def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
     """--wall-negative-weight: unlabelled voxels where lung meets a thick wall weigh less; a thin vessel's surroundings and nodule voxels do not."""
     import torch
@@ -536,6 +563,7 @@ def test_train_command_refuses_a_bad_mix(tmp_path, capsys):
         (["--pleural-fraction", "1.5"], "--pleural-fraction is a fraction of the pasted nodules and must be in [0, 1], got 1.5"),
         (["--fade-fraction", "-0.1"], "--fade-fraction is a fraction of the nodule-cube crops and must be in [0, 1], got -0.1"),
         (["--peak-weight", "-1"], "--peak-weight must be >= 0 (0 = off), got -1.0"),
+        (["--background-peak-weight", "-0.5"], "--background-peak-weight must be >= 0 (0 = off), got -0.5"),
         (["--zoom", "1.5"], "--zoom must lie between 0 (off) and 1 (factors 0.5-2), e.g. 0.25 for factors 0.8-1.25, got 1.5"),
         (["--missed-weight", "3"], "--missed-weight 3.0 needs --mine-hard-negatives"),
         (["--wall-negative-weight", "1.5"], "--wall-negative-weight must lie between 0 and 1, got 1.5"),

@@ -100,6 +100,7 @@ def _add_train(sub) -> None:
     p.add_argument("--fade-fraction", type=float, default=0.0, help="fraction of real nodule-cube crops whose nodules are faded in place to 35-70 %% of their contrast: faint nodules against their own pleura and vessels (default: %(default)s)")
     p.add_argument("--zoom", type=float, default=0.0, help="rescale half of the batches about their centre by a random factor in [1/(1+Z), 1+Z], e.g. 0.25 for 0.8-1.25 (default: %(default)s = off)")
     p.add_argument("--peak-weight", type=float, default=0.0, help="add this times -log sigmoid(best 3 mm core inside the labels) per labelled patch to the loss, so that every nodule gets a core above threshold (default: %(default)s = off)")
+    p.add_argument("--background-peak-weight", type=float, default=0.0, help="add this times -log(1 - sigmoid(best 3 mm core over 3 mm from the labels)) per patch to the loss, so that each patch's most confident false candidate is pushed down (default: %(default)s = off)")
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
     p.add_argument("--missed-weight", type=float, default=1.0, help="with --mine-hard-negatives: draw the training nodules that the mining model does not find at the model's threshold this many times as often (hard positives; default: %(default)s)")
     p.add_argument("--wall-negative-weight", type=float, default=1.0, help="weight (0-1) of the unlabelled voxels where lung meets chest wall, mediastinum or diaphragm, so that negatives press less on juxtapleural nodules (default: %(default)s = as any voxel)")
@@ -406,9 +407,10 @@ def _run_train(args) -> int:
         if not 0.0 <= value <= 1.0:
             print(f"error: {name} is a fraction of the {what} and must be in [0, 1], got {value}", file=sys.stderr)
             return 2
-    if args.peak_weight < 0:
-        print(f"error: --peak-weight must be >= 0 (0 = off), got {args.peak_weight}", file=sys.stderr)
-        return 2
+    for name, value in (("--peak-weight", args.peak_weight), ("--background-peak-weight", args.background_peak_weight)):
+        if value < 0:
+            print(f"error: {name} must be >= 0 (0 = off), got {value}", file=sys.stderr)
+            return 2
     if not 0.0 <= args.zoom <= 1.0:
         print(f"error: --zoom must lie between 0 (off) and 1 (factors 0.5-2), e.g. 0.25 for factors 0.8-1.25, got {args.zoom}", file=sys.stderr)
         return 2
@@ -444,6 +446,7 @@ def _run_train(args) -> int:
         faint_weight=args.faint_weight, save_last=args.save_last, pleural_fraction=args.pleural_fraction,
         missed_weight=args.missed_weight, wall_negative_weight=args.wall_negative_weight,
         wall_near_nodule_voxels=args.wall_near_nodule, fade_fraction=args.fade_fraction, zoom=args.zoom, peak_weight=args.peak_weight,
+        background_peak_weight=args.background_peak_weight,
     )
     print(f"best validation: {record.get('best_validation')}")
     return 0

@@ -703,6 +703,39 @@ def peak_loss(logits, y, core: int = 3):
     return F.softplus(-peak).mean()
 
 
+def background_peak_loss(logits, y, core: int = 3, margin: int = 3):
+    """False-candidate term: ``-log(1 - sigmoid(peak))`` averaged over the patches.
+
+    ``peak`` is the highest logit, averaged over a cube of ``core`` voxels a
+    side, among the voxels more than ``margin`` voxels from any label: the
+    core of the patch's most confident false candidate. The counterpart of
+    :func:`peak_loss`. Voxel-wise cross-entropy spreads its push over every
+    background voxel; a false candidate needs only one core above the
+    threshold, and this term pushes down that core in each patch, whatever
+    surrounds it.
+
+    Args:
+        logits: network outputs ``(B, 1, P, P, P)``.
+        y: labels ``(B, 1, P, P, P)`` (0/1).
+        core: side of the averaging cube (voxels, 1 mm).
+        margin: voxels (1 mm) around the labels left out, so that a nodule's
+            rim is not pushed down.
+
+    Returns:
+        A scalar (0, with a gradient, when no patch has a voxel that far from its labels).
+    """
+    import torch.nn.functional as F
+
+    near = F.max_pool3d((y > 0.5).float(), 2 * margin + 1, stride=1, padding=margin) > 0 if margin > 0 else y > 0.5
+    free = ~near
+    has = free.flatten(1).any(dim=1)
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    smooth = F.avg_pool3d(logits, core, stride=1, padding=core // 2, count_include_pad=False) if core > 1 else logits
+    peak = smooth.masked_fill(~free, float("-inf")).flatten(1).max(dim=1).values[has]
+    return F.softplus(peak).mean()
+
+
 def size_balanced_weights(y, reference_voxels: float, max_weight: float = 10.0):
     """Cross-entropy weights ``(B, 1, P, P, P)`` that make small nodules count more.
 
@@ -1011,6 +1044,7 @@ def train(
     fade_fraction: float = 0.0,
     zoom: float = 0.0,
     peak_weight: float = 0.0,
+    background_peak_weight: float = 0.0,
 ) -> dict:
     """Train and save the best model (by validation sensitivity minus false candidates).
 
@@ -1047,6 +1081,9 @@ def train(
     at sizes and voxel spacings it would otherwise not.
     ``peak_weight``: when > 0, this times :func:`peak_loss` is added to the
     loss: the best 3 mm core inside each labelled patch is pushed up.
+    ``background_peak_weight``: when > 0, this times
+    :func:`background_peak_loss` is added to the loss: the best 3 mm core
+    more than 3 mm from the labels of each patch is pushed down.
     ``size_balance_voxels``: when > 0, the cross-entropy weighs the labelled
     voxels of small nodules more (:func:`size_balanced_weights`).
     ``wall_negative_weight``: when < 1, the cross-entropy weighs the
@@ -1095,6 +1132,8 @@ def train(
         raise ValueError(f"fade_fraction={fade_fraction} is a fraction of the nodule-cube crops and must lie between 0 and 1")
     if peak_weight < 0:
         raise ValueError(f"peak_weight={peak_weight} must be >= 0 (0 = off)")
+    if background_peak_weight < 0:
+        raise ValueError(f"background_peak_weight={background_peak_weight} must be >= 0 (0 = off)")
     if not 0.0 <= zoom <= 1.0:
         raise ValueError(f"zoom={zoom} must lie between 0 (off) and 1 (factors 0.5-2); e.g. 0.25 for factors 0.8-1.25")
     if wall_near_nodule_voxels < 0:
@@ -1139,6 +1178,8 @@ def train(
         loss_terms.append(f"unlabelled voxels at the lung's wall weighted {wall_negative_weight:g}{near}")
     if peak_weight > 0:
         loss_terms.append(f"+ {peak_weight:g} x -log sigmoid(best 3 mm core inside the labels) per labelled patch")
+    if background_peak_weight > 0:
+        loss_terms.append(f"+ {background_peak_weight:g} x -log(1 - sigmoid(best 3 mm core over 3 mm from the labels)) per patch")
     loss_description = ", ".join(loss_terms)
     t0 = time.time()
     best, best_score, history = None, -1e9, []
@@ -1164,6 +1205,8 @@ def train(
         loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight) + dice(logits, y)
         if peak_weight > 0:
             loss = loss + peak_weight * peak_loss(logits, y)
+        if background_peak_weight > 0:
+            loss = loss + background_peak_weight * background_peak_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1206,6 +1249,7 @@ def train(
                     "fade_fraction": fade_fraction,
                     "zoom": zoom,
                     "peak_weight": peak_weight,
+                    "background_peak_weight": background_peak_weight,
                     "missed_weight": missed_weight,
                     "wall_negative_weight": wall_negative_weight,
                     "wall_near_nodule_voxels": wall_near_nodule_voxels,
