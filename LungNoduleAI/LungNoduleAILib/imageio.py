@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicomio import DicomSeries, is_dicom_file, read_dicom_folder
+from .filecheck import check_image_file
 
 __all__ = ["CTVolume", "read_ct", "validate_ct", "to_hu", "AIR_HU", "MIN_SLICES"]
 
@@ -100,12 +101,14 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
             series_uid = series.series_uid
             name = p.name if p.is_dir() else p.parent.name
         else:
+            check_image_file(p)  # truncation, NaN and missing spacing, which ITK reads without a word
             image = sitk.ReadImage(str(p))
             name = _strip_extensions(p)
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for unreadable files
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         raise ValueError(
-            f"Cannot read '{p}' as an image ({first_line}). Supported: NIfTI, NRRD, MHA/MHD files and DICOM series folders."
+            f"Cannot read '{p}' as an image: not an image, or damaged or truncated ({first_line}). "
+            "Supported: NIfTI, NRRD, MHA/MHD files and DICOM series folders."
         ) from exc
     if validate:
         validate_ct(image, str(p))
@@ -130,8 +133,10 @@ def validate_ct(image: sitk.Image, source: str = "input") -> None:
 
     Checks: 3-D and single-component; at least :data:`MIN_SLICES` voxels along
     every axis; spacing between 0.05 and 20 mm; no NaN; intensities that look
-    like HU (air below -500 HU and tissue above -200 HU present, not an 8-bit
-    or MR image).
+    like HU (air or lung below -500 HU in at least 1 % of the voxels, and
+    something denser than -200 HU, soft tissue or vessels, in at least 0.1 %;
+    not an 8-bit, MR or rescaled image). A tight crop of the lungs, with no
+    chest wall, passes.
 
     Raises:
         ValueError: naming the offending values and what to do.
@@ -168,10 +173,9 @@ def validate_ct(image: sitk.Image, source: str = "input") -> None:
         raise ValueError(f"{source}: image contains NaN values ({int(np.isnan(arr).sum())} voxels); a CT in HU is needed.")
     # Subsample for speed: the checks are about the intensity distribution.
     sample = np.asarray(arr[::2, ::4, ::4], dtype=np.float32)
-    low = float(np.percentile(sample, 1))
-    high = float(np.percentile(sample, 99))
+    low, high = (float(v) for v in np.percentile(sample, [1, 99.9]))
     if low > -500 or high < -200:
         raise ValueError(
-            f"{source}: intensities (1st-99th percentile {low:.0f} to {high:.0f}) do not look like CT Hounsfield units "
+            f"{source}: intensities (1st-99.9th percentile {low:.0f} to {high:.0f}) do not look like CT Hounsfield units "
             "(air near -1000 HU and soft tissue near 0-100 HU expected). Is this an MR or a rescaled image? A chest CT in HU is needed."
         )
