@@ -24,7 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCapture
 PATIENT = {"PatientName": "Test^Nodule", "PatientID": "LNAI-TEST-1", "PatientBirthDate": "19600101", "PatientSex": "F"}
 
 
-def _base(sop_class: str, study_uid: str, series_uid: str, frame_uid: str, series_number: int, instance: int) -> FileDataset:
+def _base(sop_class: str, study_uid: str, series_uid: str, frame_uid: str, series_number: int, instance: int, patient: dict | None = None) -> FileDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -32,7 +32,7 @@ def _base(sop_class: str, study_uid: str, series_uid: str, frame_uid: str, serie
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    for k, v in PATIENT.items():
+    for k, v in (patient or PATIENT).items():
         setattr(ds, k, v)
     ds.StudyInstanceUID = study_uid
     ds.StudyDate = "20240102"
@@ -75,10 +75,12 @@ def write_ct_series(
     shuffle_names: bool = True,
     series_uid: str | None = None,
     study_uid: str | None = None,
+    patient: dict | None = None,
 ) -> dict:
     """Write ``image`` (HU, axial or oblique, any spacing) as a CT series, one file per slice.
 
     Args:
+        patient: PatientName, PatientID... (default :data:`PATIENT`).
         drop_slices: slice indices left out (missing slices).
         compress: ``None``, ``"rle"`` or ``"jpegls"`` (lossless) transfer syntax.
         shuffle_names: name files in an order unrelated to their position.
@@ -99,7 +101,7 @@ def write_ct_series(
     for k in range(arr.shape[0]):
         if k in drop_slices:
             continue
-        ds = _base(CTImageStorage, study_uid, series_uid, frame_uid, 3, k + 1)
+        ds = _base(CTImageStorage, study_uid, series_uid, frame_uid, 3, k + 1, patient)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]])]

@@ -198,7 +198,7 @@ def test_refusals_say_what_is_wrong_and_write_nothing(detected, tmp_path, capsys
     assert "no segment metadata" in capsys.readouterr().err
     ct64 = shared("dicom", "ct-64")
     assert main(["export", str(reviewed), "--dicom", str(ct64), "-o", str(out), "--include-pending"]) == 1
-    assert "no voxel inside the CT given" in capsys.readouterr().err
+    assert "was made on another CT than the DICOM series" in capsys.readouterr().err  # before issue 24: "no voxel inside the CT given"
 
     # an earlier export is never overwritten unasked
     assert main(["export", str(reviewed), "--dicom", str(detected["dcm"]), "-o", str(out), "--include-pending", "--formats", "dcm-seg,csv"]) == 0

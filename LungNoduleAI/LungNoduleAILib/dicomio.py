@@ -72,6 +72,9 @@ class DicomSeries:
         rows, columns: image size in pixels.
         description: SeriesDescription (may be empty).
         notes: remarks made while sorting (duplicates dropped...).
+        study_uid, frame_of_reference_uid, patient_id: StudyInstanceUID,
+            FrameOfReferenceUID and PatientID of the first slice ("" when absent):
+            the identity a result of this series records (see :mod:`.provenance`).
     """
 
     series_uid: str
@@ -84,6 +87,9 @@ class DicomSeries:
     columns: int
     description: str = ""
     notes: list[str] = field(default_factory=list)
+    study_uid: str = ""
+    frame_of_reference_uid: str = ""
+    patient_id: str = ""
 
     @property
     def normal(self) -> np.ndarray:
@@ -118,6 +124,9 @@ def _sop_class_name(uid: str) -> str:
         return pydicom.uid.UID(uid).name or uid
     except Exception:
         return uid
+
+
+_IDENTITY_TAGS = {"study_uid": "StudyInstanceUID", "frame_of_reference_uid": "FrameOfReferenceUID", "patient_id": "PatientID"}
 
 
 def scan_dicom_folder(directory: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[DicomSeries], list[str]]:
@@ -190,6 +199,7 @@ def scan_dicom_folder(directory: str | os.PathLike | Sequence[str | os.PathLike]
                 "description": str(ds.get("SeriesDescription", "")),
                 "orientation": tuple(float(v) for v in ds.ImageOrientationPatient),
                 "spacing": tuple(float(v) for v in ds.PixelSpacing),
+                "identity": {k: str(ds.get(tag, "") or "") for k, tag in _IDENTITY_TAGS.items()},
             },
         )
     stacks = []
@@ -221,6 +231,7 @@ def scan_dicom_folder(directory: str | os.PathLike | Sequence[str | os.PathLike]
                 columns=columns,
                 description=meta[key]["description"],
                 notes=notes,
+                **meta[key]["identity"],
             )
         )
     stacks.sort(key=len, reverse=True)

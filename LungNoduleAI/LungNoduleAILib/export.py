@@ -25,6 +25,7 @@ from . import __version__
 from .candidates import Candidate, measure_candidates
 from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, source_datasets, tracking_uid
 from .imageio import CTVolume, read_ct
+from .provenance import SOURCE_HEADER_KEY, check_same_source, grid_mismatches, header_identity, identity_from_tags, identity_tags, image_grid, segment_inside
 from .writers import SEGMENT_COLORS, mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
 
 __all__ = [
@@ -99,11 +100,38 @@ class SegmentationFile:
     layers: list
     segments: list = field(default_factory=list)
     extent_offset: tuple = (0, 0, 0)
+    source: dict | None = None
 
     def mask(self, index: int) -> np.ndarray:
         """Boolean ``(k, j, i)`` mask of segment ``index`` on its layer's grid."""
         seg = self.segments[index]
         return sitk.GetArrayViewFromImage(self.layers[seg["layer"]]) == seg["label"]
+
+    def bbox(self, index: int) -> list[int] | None:
+        """``[i0, j0, k0, i1, j1, k1]`` of segment ``index``'s voxels on the file's grid (``None`` when empty)."""
+        nz = np.argwhere(self.mask(index))
+        if nz.size == 0:
+            return None
+        (k0, j0, i0), (k1, j1, i1) = nz.min(0), nz.max(0)
+        return [int(i0), int(j0), int(k0), int(i1), int(j1), int(k1)]
+
+    def index_to_lps(self) -> np.ndarray:
+        """4x4 matrix from the file's voxel index ``(i, j, k)`` to LPS mm."""
+        layer = self.layers[0]
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(layer.GetDirection()).reshape(3, 3) * np.asarray(layer.GetSpacing())
+        m[:3, 3] = layer.GetOrigin()
+        return m
+
+    def reference_grid(self) -> dict:
+        """Spacing, direction and origin of the grid the segmentation was drawn on (the file may be cropped to its segments)."""
+        grid = image_grid(self.layers[0])
+        grid["origin_lps_mm"] = (self.index_to_lps() @ np.array([-v for v in self.extent_offset] + [1.0]))[:3].tolist()
+        return grid
+
+    def recorded_source(self, what: str) -> dict | None:
+        """The CT identity the file records: its header key, else its segments' tags (a file saved by Slicer keeps only those)."""
+        return self.source or identity_from_tags((s["tags"] for s in self.segments), what)
 
 
 def _parse_tags(text: str) -> dict:
@@ -156,18 +184,23 @@ def read_segmentation(path: str | os.PathLike) -> SegmentationFile:
             color = tuple(float(v) for v in get("Color", "1 0 0").split()[:3])
         except ValueError:
             color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
-        segments.append(
-            {
-                "id": get("ID", f"Segment_{i + 1}"),
-                "name": get("Name", f"Segment {i + 1}"),
-                "color": color,
-                "layer": int(get("Layer", "0") or 0),
-                "label": int(get("LabelValue", "1") or 1),
-                "tags": _parse_tags(get("Tags", "")),
-            }
-        )
+        name = get("Name", f"Segment {i + 1}")
+        numbers = {}
+        for key, default in (("Layer", "0"), ("LabelValue", "1")):
+            text = get(key, default) or default
+            try:
+                numbers[key] = int(text)
+            except ValueError:
+                raise ValueError(f"'{p}': Segment{i}_{key} of segment '{name}' is '{text}', not a whole number: the file is damaged. Save it again from Slicer.") from None
+        if not 0 <= numbers["Layer"] < len(layers):
+            raise ValueError(
+                f"'{p}': segment '{name}' (Segment{i}_Layer={numbers['Layer']}) is on a layer the file does not have ({len(layers)} layer(s)): "
+                "the file is damaged. Save it again from Slicer."
+            )
+        segments.append({"id": get("ID", f"Segment_{i + 1}"), "name": name, "color": color, "layer": numbers["Layer"], "label": numbers["LabelValue"], "tags": _parse_tags(get("Tags", ""))})
         i += 1
-    return SegmentationFile(layers=layers, segments=segments, extent_offset=offset)
+    source = header_identity(img.GetMetaData(SOURCE_HEADER_KEY) if SOURCE_HEADER_KEY in keys else None)
+    return SegmentationFile(layers=layers, segments=segments, extent_offset=offset, source=source)
 
 
 def _segment_edited(seg_file: SegmentationFile, index: int) -> bool:
@@ -185,6 +218,30 @@ def _segment_edited(seg_file: SegmentationFile, index: int) -> bool:
     oi, oj, ok = seg_file.extent_offset
     bbox = [int(i0 + oi), int(j0 + oj), int(k0 + ok), int(i1 + oi), int(j1 + oj), int(k1 + ok)]
     return mask_sha1(mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1], bbox) != detected
+
+
+def check_segmentation_source(seg_file: SegmentationFile, seg_path, ct: CTVolume, ct_label: str) -> None:
+    """Refuse to export ``seg_file`` with a CT that is not the one it was made on.
+
+    With a recorded source (header or segment tags) the CT must be that one
+    (:func:`.provenance.check_same_source`); without one (segments drawn by hand
+    in Slicer), the segmentation's reference grid must be the CT's exactly.
+
+    Raises:
+        ValueError: naming what differs.
+    """
+    what = f"Segmentation '{seg_path}'"
+    recorded = seg_file.recorded_source(what)
+    if recorded is not None:
+        check_same_source(recorded, ct.identity(), what, ct_label)
+        return
+    grid = seg_file.reference_grid()
+    diffs = grid_mismatches({**grid, "size_ijk": []}, {**image_grid(ct.image), "size_ijk": []})
+    if diffs:
+        raise ValueError(
+            f"{what} records no source CT, and its grid is not that of {ct_label}: {'; '.join(diffs)}. "
+            "Nothing was exported. Give the CT it was drawn on, or in Slicer set the segmentation's geometry to that CT."
+        )
 
 
 def export_paths(output_dir: str | os.PathLike, name: str, formats: Sequence[str]) -> dict[str, Path]:
@@ -288,7 +345,7 @@ def write_reviewed(
         probability: for a fractional DICOM SEG.
 
     Each segment's tags gain its tracking UID (kept if it had one, so a nodule
-    keeps its UID across exports) and whether it was edited.
+    keeps its UID across exports), whether it was edited and the CT's identity.
     """
     records, export_segments = [], []
     for n, (seg, m) in enumerate(zip(segments, measured), start=1):
@@ -298,6 +355,7 @@ def write_reviewed(
         uid = tags.get(TAG_TRACKING_UID) or tracking_uid(ct.series_uid or ct.name, seg.id, tags.get(TAG_DETECTED, seg.name))
         tags[TAG_TRACKING_UID] = uid
         tags[TAG_EDITED] = "1" if seg.edited else "0"
+        tags.update(identity_tags(ct.identity()))
         records.append(
             {
                 **m.to_dict(),
@@ -329,7 +387,7 @@ def write_reviewed(
             sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
         if "seg.nrrd" in targets:
             meta = [{"id": s.id, "name": s.name, "color": tuple(s.color), "label": n, "tags": s.tags} for n, s in enumerate(segments, start=1)]
-            write_segmentation_labelmap(labels, meta, tmp / targets["seg.nrrd"].name)
+            write_segmentation_labelmap(labels, meta, tmp / targets["seg.nrrd"].name, source=ct.identity())
         if "csv" in targets:
             write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], tmp / targets["csv"].name)
         if "json" in targets:
@@ -389,6 +447,7 @@ def export_reviewed(
         )
     seg_file = read_segmentation(seg_path)
     ct = read_ct(dicom if dicom is not None else ct_path)
+    check_segmentation_source(seg_file, seg_path, ct, f"the DICOM series in '{dicom}'" if dicom is not None else f"'{ct_path}'")
     statuses = [review_status(s["tags"]) for s in seg_file.segments]
     unresolved = [s["name"] for s, st in zip(seg_file.segments, statuses) if st in ("pending", "flagged")]
     if unresolved and not include_pending:
@@ -399,6 +458,12 @@ def export_reviewed(
     if not chosen:
         raise ValueError(f"No accepted segments in '{seg_path}' ({len(statuses)} segment(s): {', '.join(sorted(set(statuses))) or 'none'}). Accept at least one nodule first.")
 
+    outside = [seg_file.segments[i]["name"] for i in chosen if (box := seg_file.bbox(i)) is not None and not segment_inside(seg_file.index_to_lps(), box, ct.image)]
+    if outside:
+        raise ValueError(
+            f"Segment(s) {', '.join(outside)} reach outside the CT given: their voxels would be cut and their measurements wrong. "
+            "Nothing was exported. Check that the segmentation was not moved or resampled, and that --dicom/--ct is the CT it was drawn on."
+        )
     # one label image on the CT grid: value n = n-th exported segment
     ct_hu = ct.image  # read_ct gives int16 HU already
     resampled = [sitk.Resample(layer, ct_hu, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16) for layer in seg_file.layers]
@@ -425,7 +490,7 @@ def export_reviewed(
         ReviewedSegment(seg_file.segments[i]["id"], seg_file.segments[i]["name"], seg_file.segments[i]["color"], seg_file.segments[i]["tags"], statuses[i], _segment_edited(seg_file, i))
         for i in chosen
     ]
-    header = {"segmentation": str(seg_path), "source": ct.path, "source_series_uid": ct.series_uid}
+    header = {"segmentation": str(seg_path), "source": {"path": ct.path, **ct.identity()}}
     left_out = {seg_file.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen}
     probability = read_probability(probability_path) if probability_path else None
     write_reviewed(targets, labels, measured, reviewed, header, left_out, ct, _model_of(reviewed[0].tags), probability)

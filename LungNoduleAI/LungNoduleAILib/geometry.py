@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["lps_to_ras", "ras_to_lps", "index_to_lps", "lps_to_index", "ijk_to_ras_matrix", "geometry_from_ijk_to_ras"]
+__all__ = ["lps_to_ras", "ras_to_lps", "index_to_lps", "lps_to_index", "ijk_to_ras_matrix", "ijk_to_lps_matrix", "geometry_from_ijk_to_ras"]
 
 _FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -42,6 +42,13 @@ def ijk_to_ras_matrix(image) -> np.ndarray:
     m = np.eye(4)
     m[:3, :3] = (direction * spacing[None, :]) * _FLIP[:, None]
     m[:3, 3] = np.array(image.GetOrigin(), dtype=float) * _FLIP
+    return m
+
+
+def ijk_to_lps_matrix(ijk_to_ras) -> np.ndarray:
+    """4x4 IJK->LPS matrix of a 4x4 IJK->RAS matrix (a Slicer volume's or a segment labelmap's image-to-world)."""
+    m = np.array(ijk_to_ras, dtype=float).reshape(4, 4)
+    m[:3, :] *= _FLIP[:, None]
     return m
 
 

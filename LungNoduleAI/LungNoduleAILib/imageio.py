@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from .dicomio import DicomSeries, is_dicom_file, read_dicom_folder
 from .filecheck import check_image_file
+from .provenance import source_identity
 
 __all__ = ["CTVolume", "read_ct", "validate_ct", "to_hu", "AIR_HU", "MIN_SLICES"]
 
@@ -55,6 +56,13 @@ class CTVolume:
     series_uid: str | None = None
     notes: list[str] = field(default_factory=list)
     dicom: DicomSeries | None = None
+    _identity: dict | None = field(default=None, repr=False, compare=False)
+
+    def identity(self) -> dict:
+        """The source identity results record (:func:`.provenance.source_identity`; computed once)."""
+        if self._identity is None:
+            self._identity = source_identity(self.image, self.dicom, self.series_uid)
+        return self._identity
 
 
 def _strip_extensions(path: Path) -> str:

@@ -79,15 +79,7 @@ class DetectionResult:
         return {
             "engine": {"name": "LungNoduleAI", "version": __version__},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "input": {
-                "path": os.path.abspath(self.ct.path),
-                "name": self.ct.name,
-                "series_uid": self.ct.series_uid,
-                "size_ijk": list(self.ct.image.GetSize()),
-                "spacing_mm": list(self.ct.image.GetSpacing()),
-                "origin_lps_mm": list(self.ct.image.GetOrigin()),
-                "direction": list(self.ct.image.GetDirection()),
-            },
+            "input": {"path": os.path.abspath(self.ct.path), "name": self.ct.name, **self.ct.identity()},
             "model": {"name": model.spec.name, "version": model.spec.version, "sha256": model.sha256, "path": os.path.abspath(model.path)},
             "device": self.device,
             "threshold": self.threshold,
@@ -319,7 +311,9 @@ class Detector:
             t = time.perf_counter()
             write_probability(result.probability, out.tmp("probability"))
             write_labelmap(result.labelmap, out.tmp("labelmap"))
-            write_segmentation(result.labelmap, result.candidates, out.tmp("segmentation"), model=f"{self.model.spec.name} {self.model.spec.version}")
+            write_segmentation(
+                result.labelmap, result.candidates, out.tmp("segmentation"), model=f"{self.model.spec.name} {self.model.spec.version}", source=ct.identity()
+            )
             write_candidates_csv(result.candidates, out.tmp("csv"))
             if png:
                 write_overview_png(ct.image, result.probability, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)

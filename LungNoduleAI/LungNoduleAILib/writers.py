@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .candidates import Candidate
+from .provenance import SOURCE_HEADER_KEY, identity_tags
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -178,29 +179,34 @@ def segment_name(candidate: Candidate) -> str:
     return f"Nodule {candidate.rank} ({candidate.diameter_mm:.1f} mm, p={candidate.probability:.2f})"
 
 
-def write_segmentation(labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike, model: str | None = None) -> None:
+def write_segmentation(
+    labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike, model: str | None = None, source: dict | None = None
+) -> None:
     """A Slicer segmentation file (``.seg.nrrd``): one segment per candidate.
 
     All segments share one layer (candidates never overlap); segment i has
     label value i, a name with size and probability, a colour, the SNOMED
     "Nodule" terminology, review status "not started" and custom tags
     (``model``, "name version", identifies the detector in DICOM exports).
+    ``source`` (:func:`.provenance.source_identity` of the CT) is recorded in
+    the header and in each segment's tags, so an export can check its CT.
     """
     arr = sitk.GetArrayViewFromImage(labelmap)
+    source_tags = identity_tags(source) if source else {}
     segments = [
         {
             "id": f"Nodule_{c.rank}",
             "name": segment_name(c),
             "color": SEGMENT_COLORS[i % len(SEGMENT_COLORS)],
             "label": c.rank,
-            "tags": {**segment_tags(c, model=model), "LungNoduleAI.DetectedMaskSha1": detected_fingerprint(arr, c)},
+            "tags": {**segment_tags(c, model=model), "LungNoduleAI.DetectedMaskSha1": detected_fingerprint(arr, c), **source_tags},
         }
         for i, c in enumerate(candidates)
     ]
-    write_segmentation_labelmap(labelmap, segments, path)
+    write_segmentation_labelmap(labelmap, segments, path, source)
 
 
-def write_segmentation_labelmap(labelmap: sitk.Image, segments: Sequence[dict], path: str | os.PathLike) -> None:
+def write_segmentation_labelmap(labelmap: sitk.Image, segments: Sequence[dict], path: str | os.PathLike, source: dict | None = None) -> None:
     """Write a one-layer Slicer ``.seg.nrrd`` from a labelmap and segment descriptions.
 
     Args:
@@ -208,6 +214,7 @@ def write_segmentation_labelmap(labelmap: sitk.Image, segments: Sequence[dict], 
         segments: dicts with ``id``, ``name``, ``color`` (r, g, b in 0-1), ``label`` and
             ``tags`` (a dict of Slicer segment tags, e.g. ``Segmentation.Status``, ``TerminologyEntry``).
         path: output file (``.seg.nrrd``).
+        source: the CT's identity, stored as header key ``LungNoduleAI.Source`` (JSON).
     """
     arr = sitk.GetArrayViewFromImage(labelmap)
     dtype = np.uint8 if max((s["label"] for s in segments), default=0) < 256 else np.uint16
@@ -218,6 +225,8 @@ def write_segmentation_labelmap(labelmap: sitk.Image, segments: Sequence[dict], 
     img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     img.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    if source:
+        img.SetMetaData(SOURCE_HEADER_KEY, json.dumps(source, separators=(",", ":")))
     for i, seg in enumerate(segments):
         prefix = f"Segment{i}_"
         if stats.HasLabel(int(seg["label"])):

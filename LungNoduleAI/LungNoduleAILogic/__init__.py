@@ -25,10 +25,22 @@ import slicer
 import vtk
 
 from LungNoduleAILib.candidates import Candidate, extract_candidates, measure_candidates
-from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
+from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_lps_matrix, ijk_to_ras_matrix
 from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
 from LungNoduleAILib.export import DICOM_FORMATS, TAG_EDITED, TAG_MODEL, TAG_TRACKING_UID, ReviewedSegment, check_formats, export_paths, write_reviewed
 from LungNoduleAILib.export import EXPORT_FORMATS as ENGINE_EXPORT_FORMATS
+from LungNoduleAILib.provenance import (
+    TAG_SOURCE_GRID,
+    TAG_SOURCE_SERIES,
+    TAG_SOURCE_SHA256,
+    check_same_source,
+    grid_mismatches,
+    identity_from_tags,
+    identity_tags,
+    image_grid,
+    segment_inside,
+    source_identity,
+)
 from LungNoduleAILib.rescore import apply_rescorer
 from LungNoduleAILib.writers import (
     SEGMENT_COLORS,
@@ -69,6 +81,9 @@ KNOWN_TAGS = (
     TAG_MODEL,
     TAG_TRACKING_UID,
     TAG_EDITED,
+    TAG_SOURCE_SERIES,
+    TAG_SOURCE_SHA256,
+    TAG_SOURCE_GRID,
 )
 """Segment tags carried into exported .seg.nrrd files (vtkSegment cannot list its tags)."""
 
@@ -78,6 +93,8 @@ REF_TABLE = "LungNoduleAI.Table"
 REF_VOLUME = "LungNoduleAI.SourceVolume"
 ATTR_THRESHOLD = "LungNoduleAI.Threshold"
 ATTR_MODEL = "LungNoduleAI.Model"
+ATTR_SOURCE = "LungNoduleAI.Source"
+"""Segmentation node attribute: the identity of the CT the candidates were detected on (JSON, :mod:`LungNoduleAILib.provenance`)."""
 
 TABLE_COLUMNS = [
     ("rank", "Rank", "int"),
@@ -228,7 +245,8 @@ class LungNoduleAILogic:
         """Import what ``lungnoduleai detect`` wrote into ``outputDir`` for ``volumeNode``.
 
         Raises:
-            ValueError: no or several result sets in the folder, or they do not fit the volume's grid.
+            ValueError: no or several result sets in the folder, or they were made on another CT
+                (grid or voxel checksum recorded in the JSON).
         """
         self._checkCTVolume(volumeNode)
         reports = sorted(Path(outputDir).glob("*_nodules.json"))
@@ -246,6 +264,12 @@ class LungNoduleAILogic:
             raise ValueError(
                 f"Results in '{outputDir}' are for a {list(probability.GetSize())} grid at {list(probability.GetOrigin())}, "
                 f"not for volume '{volumeNode.GetName()}' ({list(ct.GetSize())} at {list(ct.GetOrigin())})."
+            )
+        recorded = {k: v for k, v in report.get("input", {}).items() if k not in ("path", "name", "series_uid")}
+        if recorded.get("voxel_sha256"):  # same grid is not enough: the results must be of these voxels
+            check_same_source(
+                recorded, source_identity(to_hu(ct)), f"The result set '{reports[0].name}'", f"volume '{volumeNode.GetName()}'",
+                "Nothing was imported. Select the volume the results were detected on, or run Detect on this one.",
             )
         return self._addResultNodes(volumeNode, probability, labelmap, report["candidates"], report)
 
@@ -289,6 +313,9 @@ class LungNoduleAILogic:
         segNode.CreateDefaultDisplayNodes()
         segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segNode.SetAttribute(ATTR_MODEL, json.dumps(report.get("model", {})))
+        source = {k: v for k, v in report.get("input", {}).items() if k not in ("path", "name")}
+        if source.get("voxel_sha256"):
+            segNode.SetAttribute(ATTR_SOURCE, json.dumps(source))
         labelArr = sitk.GetArrayViewFromImage(labelmap)
         for i, cand in enumerate(candidates):
             self._addCandidateSegment(segNode, labelmap, labelArr, cand, i)
@@ -340,6 +367,9 @@ class LungNoduleAILogic:
         for key, value in segment_tags(c, model=f"{model['name']} {model['version']}" if model.get("name") else None).items():
             segment.SetTag(key, value)
         segment.SetTag(TAG_DETECTED, mask_sha1(mask, cand["bbox_ijk"]))
+        source = json.loads(segNode.GetAttribute(ATTR_SOURCE) or "{}")
+        for key, value in (identity_tags(source) if source else {}).items():
+            segment.SetTag(key, value)
         segment.SetTag("LungNoduleAI.CenterRAS", " ".join(f"{v:.2f}" for v in cand["center_ras_mm"]))
         _segmentationsLogic().SetSegmentStatus(segment, slicer.vtkSlicerSegmentationsModuleLogic.NotStarted)
         return segmentId
@@ -452,21 +482,94 @@ class LungNoduleAILogic:
 
     def _segmentMask(self, segmentationNode, segmentId: str) -> tuple[np.ndarray, list[int]]:
         """The segment's voxels cropped to their bounding box ``[i0, j0, k0, i1, j1, k1]`` (segmentation's own grid)."""
+        crop, bbox, _ = self._segmentVoxels(segmentationNode, segmentId)
+        return crop, bbox
+
+    def _segmentVoxels(self, segmentationNode, segmentId: str) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """``(mask cropped to its box, [i0, j0, k0, i1, j1, k1], 4x4 index->LPS of that grid)`` of one segment.
+
+        Only this segment's own voxels: a layer shared with other segments (as after
+        loading a ``.seg.nrrd`` or a scene) is thresholded at the segment's label value.
+        """
         from vtk.util import numpy_support
 
         oriented = slicer.vtkOrientedImageData()
-        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, oriented, False)
+        segmentationNode.GetBinaryLabelmapRepresentation(segmentId, oriented)
+        matrix = vtk.vtkMatrix4x4()
+        oriented.GetImageToWorldMatrix(matrix)
+        indexToLps = ijk_to_lps_matrix(self._matrixToArray(matrix))
         ext = oriented.GetExtent()
+        empty = (np.zeros((0, 0, 0), np.uint8), [0, 0, 0, -1, -1, -1], indexToLps)
         if ext[0] > ext[1] or oriented.GetPointData().GetScalars() is None:
-            return np.zeros((0, 0, 0), np.uint8), [0, 0, 0, -1, -1, -1]
+            return empty
         dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
         arr = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(dims) > 0
         nz = np.argwhere(arr)
         if nz.size == 0:
-            return np.zeros((0, 0, 0), np.uint8), [0, 0, 0, -1, -1, -1]
+            return empty
         (k0, j0, i0), (k1, j1, i1) = nz.min(0), nz.max(0)
         crop = arr[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1].astype(np.uint8)
-        return crop, [int(i0 + ext[0]), int(j0 + ext[2]), int(k0 + ext[4]), int(i1 + ext[0]), int(j1 + ext[2]), int(k1 + ext[4])]
+        return crop, [int(i0 + ext[0]), int(j0 + ext[2]), int(k0 + ext[4]), int(i1 + ext[0]), int(j1 + ext[2]), int(k1 + ext[4])], indexToLps
+
+    def recordedSource(self, segmentationNode) -> dict | None:
+        """The identity of the CT the segmentation's candidates were detected on (``None`` for one drawn by hand).
+
+        From the node's attribute (set by :meth:`detect`/:meth:`importResults`, saved with the scene),
+        else from its segments' tags (kept in a ``.seg.nrrd``).
+
+        Raises:
+            ValueError: its segments record different CTs.
+        """
+        recorded = json.loads(segmentationNode.GetAttribute(ATTR_SOURCE) or "null")
+        if recorded:
+            return recorded
+        segmentation = segmentationNode.GetSegmentation()
+        tags = [
+            {k: v for k in (TAG_SOURCE_SERIES, TAG_SOURCE_SHA256, TAG_SOURCE_GRID) if (v := self._tag(segmentation.GetSegment(sid), k)) is not None}
+            for sid in self.candidateSegmentIds(segmentationNode)
+        ]
+        return identity_from_tags(tags, f"Segmentation '{segmentationNode.GetName()}'")
+
+    def _checkExportSource(self, segmentationNode, volumeNode, ct: sitk.Image, dicomSeries, dicomSource, segmentIds: list[str]) -> dict:
+        """Refuse an export whose volume or DICOM series is not the CT the segmentation was made on; return the volume's identity.
+
+        Raises:
+            ValueError: naming what differs (UIDs, grid, voxel checksum), or the segments that reach outside the volume.
+        """
+        what = f"Segmentation '{segmentationNode.GetName()}'"
+        seriesUid = dicomSeries.series_uid if dicomSeries else volumeNode.GetAttribute("DICOM.SeriesInstanceUID")
+        identity = source_identity(ct, dicomSeries, seriesUid)
+        recorded = self.recordedSource(segmentationNode)
+        if recorded is not None:
+            check_same_source(recorded, identity, what, f"volume '{volumeNode.GetName()}'")
+        else:
+            volumeGrid = image_grid(ct)
+            for sid in segmentIds:
+                _, _, indexToLps = self._segmentVoxels(segmentationNode, sid)
+                origin, spacing, direction = geometry_from_ijk_to_ras(ijk_to_lps_matrix(indexToLps))
+                diffs = grid_mismatches({"size_ijk": [], "spacing_mm": spacing, "direction": direction, "origin_lps_mm": origin}, {**volumeGrid, "size_ijk": []})
+                if diffs:
+                    raise ValueError(
+                        f"{what} records no source CT, and its grid is not that of volume '{volumeNode.GetName()}': {'; '.join(diffs)}. "
+                        "Nothing was exported. Select the CT it was drawn on, or set the segmentation's geometry to that volume."
+                    )
+        if dicomSeries is not None and not (volumeNode.GetAttribute(ATTR_DICOM_INSTANCES) or "").split():
+            # a volume not loaded through the DICOM module: the series must hold this volume's voxels
+            from LungNoduleAILib.imageio import read_ct
+
+            series = read_ct(dicomSource)
+            check_same_source({**identity, "series_uid": None}, {**series.identity(), "series_uid": None}, f"Volume '{volumeNode.GetName()}'", f"the DICOM series {dicomSeries.series_uid}")
+        outside = [
+            segmentationNode.GetSegmentation().GetSegment(sid).GetName()
+            for sid in segmentIds
+            if (voxels := self._segmentVoxels(segmentationNode, sid))[1][3] >= voxels[1][0] and not segment_inside(voxels[2], voxels[1], ct)
+        ]
+        if outside:
+            raise ValueError(
+                f"Segment(s) {', '.join(outside)} reach outside volume '{volumeNode.GetName()}': their voxels would be cut and their measurements wrong. "
+                "Nothing was exported. Select the CT they were drawn on, or trim them to it in the Segment Editor."
+            )
+        return identity
 
     def _segmentArrayOnVolume(self, segmentationNode, segmentIds: list[str], volumeNode) -> np.ndarray:
         """Label array ``(k, j, i)`` on ``volumeNode``'s grid: value n = n-th of ``segmentIds`` (resampled by Slicer)."""
@@ -623,6 +726,7 @@ class LungNoduleAILogic:
         if empty:
             raise ValueError(f"Segment(s) {', '.join(empty)} are empty (edited into emptiness or outside the volume): reject them or redraw them.")
         ct = to_hu(self.imageFromVolume(referenceVolumeNode))
+        identity = self._checkExportSource(segmentationNode, referenceVolumeNode, ct, dicomSeries, dicomSource, export)
         measured = measure_candidates(labels, ct)
         name = referenceVolumeNode.GetName()
         targets = export_paths(outputDir, name, formats)
@@ -635,9 +739,9 @@ class LungNoduleAILogic:
             seg = segmentation.GetSegment(sid)
             tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
             reviewed.append(ReviewedSegment(sid, seg.GetName(), tuple(seg.GetColor()), tags, statuses[sid], self.isEdited(segmentationNode, sid)))
-        seriesUid = dicomSeries.series_uid if dicomSeries else referenceVolumeNode.GetAttribute("DICOM.SeriesInstanceUID")
-        source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=seriesUid, dicom=dicomSeries)
-        header = {"source_volume": name, "source_series_uid": seriesUid, "segmentation": segmentationNode.GetName()}
+        seriesUid = identity["series_uid"]
+        source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=seriesUid, dicom=dicomSeries, _identity=identity)
+        header = {"source_volume": name, "source": identity, "segmentation": segmentationNode.GetName()}
         leftOut = {sid: statuses[sid] for sid in ids if sid not in export}
         modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
         write_reviewed(targets, labels, measured, reviewed, header, leftOut, source, modelId, probability)
