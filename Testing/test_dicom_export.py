@@ -182,14 +182,14 @@ def test_refusals_say_what_is_wrong_and_write_nothing(detected, tmp_path, capsys
     review(detected["seg"], reviewed, {0: "accepted", 1: "accepted"}, default="pending")  # the others left pending
     out = tmp_path / "out"
 
-    def refused(args, message):
-        assert main(["export", str(reviewed), "-o", str(out), *args]) == 1
+    def refused(args, message, status=1):
+        assert main(["export", str(reviewed), "-o", str(out), *args]) == status
         assert message in capsys.readouterr().err
         assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("keep"))
 
-    refused(["--ct", str(SAMPLE_CT), "--formats", "dcm-seg"], "is not DICOM")
+    refused(["--ct", str(SAMPLE_CT), "--formats", "dcm-seg"], "is not DICOM", status=2)  # a bad option: 2, as the README says
     refused(["--dicom", str(detected["dcm"])], "not yet accepted or rejected")
-    refused(["--dicom", str(detected["dcm"]), "--formats", "dcm-seg,pdf"], "Unknown export format")
+    refused(["--dicom", str(detected["dcm"]), "--formats", "dcm-seg,pdf"], "Unknown export format", status=2)
     all_rejected = tmp_path / "none.seg.nrrd"
     review(detected["seg"], all_rejected, {})
     assert main(["export", str(all_rejected), "--dicom", str(detected["dcm"]), "-o", str(out)]) == 1

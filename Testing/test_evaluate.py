@@ -227,7 +227,7 @@ def test_evaluate_command_refuses_bad_input_and_keeps_an_earlier_report(tmp_path
     out.mkdir()
     (out / "evaluation.json").write_text('{"cpm": 0.5}')
     proc = subprocess.run(
-        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--annotations", str(tmp_path / "ann.csv"), "--series-map", str(tmp_path / "map.csv"), "--output-dir", str(out)],
+        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--annotations", str(tmp_path / "ann.csv"), "--series-map", str(tmp_path / "map.csv"), "--output-dir", str(out), "--overwrite"],
         capture_output=True, text=True, cwd=REPO,
     )
     assert proc.returncode == 2

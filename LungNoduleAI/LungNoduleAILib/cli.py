@@ -1,7 +1,8 @@
 """The ``lungnoduleai`` command line: detect, demo, evaluate, export, train, pack, average.
 
 Exit status: 0 all inputs processed; 1 at least one input failed (the
-others were still processed); 2 bad command line; 3 cancelled (Ctrl-C).
+others were still processed); 2 bad command line; 3 cancelled (Ctrl-C);
+4 the output could not be written (not a folder, read-only, disk full).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ RESULT_PREFIX = "LUNGNODULEAI_RESULT "
 """``--progress-lines``: one line per finished input: prefix + ``{"input": path, "json": path, "candidates": n}``."""
 ERROR_PREFIX = "LUNGNODULEAI_ERROR "
 """``--progress-lines``: one line per failed input: prefix + ``{"input": path, "error": message}``."""
+
+EXIT_OUTPUT = 4
+"""Exit status when the output location cannot be written (the input may be fine)."""
 
 # Rough share of each stage in a run, to turn stages into one fraction.
 _STAGE_SPAN = {"read": (0.0, 0.05), "preprocess": (0.05, 0.15), "lung mask": (0.15, 0.2), "inference": (0.2, 0.85), "candidates": (0.85, 0.93), "write": (0.93, 1.0)}
@@ -197,6 +201,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="operating point (default: the threshold stored in the results)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CPM interval")
     p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output-dir")
 
 
 def _add_export(sub) -> None:
@@ -219,7 +224,8 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .export import export_reviewed
+    from .export import OptionError, export_reviewed
+    from .outputset import OutputError
 
     try:
         written = export_reviewed(
@@ -232,9 +238,9 @@ def _run_export(args) -> int:
             overwrite=args.overwrite,
             probability_path=args.probability,
         )
-    except (ValueError, OSError) as exc:
+    except (OptionError, OutputError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, OptionError) else EXIT_OUTPUT if isinstance(exc, OutputError) else 1
     for kind, path in written.items():
         print(f"{kind:9s} {path}")
     return 0
@@ -281,6 +287,7 @@ def _run_detect(args, inputs=None, png=None, overwrite=None) -> int:
 
 def _detect_inputs(detector, args, inputs, png, overwrite, lines) -> int:
     from .inference import DetectionCancelled
+    from .outputset import OutputError
 
     progress = _Progress(lines, len(inputs))
     failed = []
@@ -297,6 +304,12 @@ def _detect_inputs(detector, args, inputs, png, overwrite, lines) -> int:
         except DetectionCancelled:
             progress.end()
             return 3
+        except OutputError as exc:  # the output, not this input: every further input would fail alike
+            progress.end()
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            if lines:
+                print(ERROR_PREFIX + json.dumps({"input": str(path), "error": str(exc)}), flush=True)
+            return EXIT_OUTPUT
         except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
             progress.end()
             if detector.load_failed:  # the model, not this input: every input would fail alike
@@ -345,9 +358,28 @@ def _run_demo(args) -> int:
 
 
 def _run_evaluate(args) -> int:
+    import contextlib
+
+    from .evaluate import report_paths
+    from .outputset import OutputError, OutputSet
+
+    with contextlib.ExitStack() as stack:
+        try:  # the output is checked and reserved before the work
+            output = stack.enter_context(OutputSet(report_paths(args.output_dir), args.overwrite, name="evaluation"))
+        except FileExistsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OutputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_OUTPUT
+        return _evaluate_into(args, output)
+
+
+def _evaluate_into(args, output) -> int:
     import csv as _csv
 
     from .evaluate import evaluate, read_reference_csv, read_results, scans_from_cubes, scans_from_references, write_report
+    from .outputset import OutputError
 
     try:
         results = read_results(args.results)
@@ -369,7 +401,11 @@ def _run_evaluate(args) -> int:
         return 2
     for note in notes:
         print(f"note: {note}")
-    paths = write_report(ev, args.output_dir)
+    try:
+        paths = write_report(ev, args.output_dir, out=output)
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
     print(f"{ev.scans} scans, {ev.nodules} nodules: CPM {ev.cpm:.3f} (95% CI {ev.cpm_ci95[0]:.3f}-{ev.cpm_ci95[1]:.3f})")
     print("FP/scan     " + "  ".join(f"{r:>6g}" for r in ev.sensitivity_at))
     print("sensitivity " + "  ".join(f"{v:6.3f}" for v in ev.sensitivity_at.values()))

@@ -263,9 +263,11 @@ def read_reference_csv(path: str | os.PathLike) -> dict[str, list[Finding]]:
             try:
                 d = float(row.get("diameter_mm") or 0.0)
                 centre = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+                if not np.all(np.isfinite([*centre, d])):  # an infinite diameter would count every candidate as a hit
+                    raise ValueError
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"'{path}' line {reader.line_num}: coordX, coordY, coordZ and diameter_mm must be numbers (mm), got "
+                    f"'{path}' line {reader.line_num}: coordX, coordY, coordZ and diameter_mm must be numbers (finite, mm), got "
                     f"{[row.get(k) for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')]}."
                 ) from None
             if d < 0:  # LUNA16: excluded findings without a size count as 10 mm
@@ -351,9 +353,12 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
             raise ValueError(f"'{cubes_csv}' lacks column(s) {sorted(missing)}: a cubes CSV has image,mask,seriesuid,diameter_mm (as shared/data/cubes/cubes.csv).")
         for row in reader:
             try:
-                rows[Path(row["image"]).name.split(".")[0]] = (float(row["diameter_mm"]), row.get("seriesuid") or "")
+                diameter = float(row["diameter_mm"])
+                if not np.isfinite(diameter) or diameter <= 0:
+                    raise ValueError
+                rows[Path(row["image"]).name.split(".")[0]] = (diameter, row.get("seriesuid") or "")
             except (TypeError, ValueError):
-                raise ValueError(f"'{cubes_csv}' line {reader.line_num}: diameter_mm must be a number (mm), got {row.get('diameter_mm')!r}.") from None
+                raise ValueError(f"'{cubes_csv}' line {reader.line_num}: diameter_mm must be a positive finite number (mm), got {row.get('diameter_mm')!r}.") from None
     cubes, notes = [], []
     for key, report in results.items():
         name = report["input"]["name"]
@@ -380,16 +385,38 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
     return scans, notes
 
 
-def write_report(evaluation: Evaluation, output_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
-    """``evaluation.json``, ``froc.csv`` and ``froc.png`` in ``output_dir``."""
+def report_paths(output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Where :func:`write_report` writes: ``evaluation.json``, ``froc.csv``, ``froc.png``."""
+    out = Path(output_dir)
+    return {"json": out / "evaluation.json", "csv": out / "froc.csv", "png": out / "froc.png"}
+
+
+def write_report(evaluation: Evaluation, output_dir: str | os.PathLike, title: str = "", overwrite: bool = False, out=None) -> dict[str, Path]:
+    """``evaluation.json``, ``froc.csv`` and ``froc.png`` in ``output_dir``, all or none.
+
+    Args:
+        overwrite: replace an earlier evaluation (refused otherwise, ``FileExistsError``).
+        out: an :class:`.outputset.OutputSet` of :func:`report_paths` entered before the work
+            (so that an existing or unwritable output is refused first); default: one made here.
+    """
+    from .outputset import OutputSet, output_error
+
+    if out is None:
+        with OutputSet(report_paths(output_dir), overwrite, name="evaluation") as own:
+            return write_report(evaluation, output_dir, title, overwrite, own)
+    try:
+        _write_report_files(evaluation, {k: out.tmp(k) for k in out.targets}, title)
+    except (OSError, RuntimeError) as exc:
+        raise output_error(out.folder, exc) from exc
+    return out.commit()
+
+
+def _write_report_files(evaluation: Evaluation, paths: dict[str, Path], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "evaluation.json", "csv": out / "froc.csv", "png": out / "froc.png"}
     paths["json"].write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n", encoding="utf-8")
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -415,4 +442,3 @@ def write_report(evaluation: Evaluation, output_dir: str | os.PathLike, title: s
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=100)
     plt.close(fig)
-    return paths

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,7 @@ from . import __version__
 from .candidates import Candidate, measure_candidates
 from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, source_datasets, tracking_uid
 from .imageio import CTVolume, read_ct
+from .outputset import OutputSet, output_error, source_key
 from .provenance import SOURCE_HEADER_KEY, check_same_source, grid_mismatches, header_identity, identity_from_tags, identity_tags, image_grid, segment_inside
 from .writers import SEGMENT_COLORS, mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
 
@@ -41,6 +40,7 @@ __all__ = [
     "export_reviewed",
     "write_reviewed",
     "ReviewedSegment",
+    "OptionError",
     "TAG_REVIEW",
     "TAG_DETECTED",
     "TAG_EDITED",
@@ -69,6 +69,10 @@ TAG_MODEL = "LungNoduleAI.Model"
 TAG_TRACKING_UID = "LungNoduleAI.TrackingUID"
 TAG_PROBABILITY = "LungNoduleAI.Probability"
 TAG_RANK = "LungNoduleAI.Rank"
+
+
+class OptionError(ValueError):
+    """A bad export option (unknown format, DICOM formats without DICOM): the command line's fault, exit status 2."""
 
 
 def review_status(tags: dict) -> str:
@@ -220,6 +224,21 @@ def _segment_edited(seg_file: SegmentationFile, index: int) -> bool:
     return mask_sha1(mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1], bbox) != detected
 
 
+def _read_probability_for(path, ct: CTVolume) -> sitk.Image:
+    """The detection's probability map for a fractional SEG; refused when missing, not an image or not on the CT's grid."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"Probability map '{p}' does not exist: give the <name>_probability.nrrd that 'lungnoduleai detect' wrote beside the .seg.nrrd.")
+    try:
+        probability = read_probability(p)
+    except RuntimeError as exc:
+        raise ValueError(f"Cannot read '{p}' as a probability map (an image): give the <name>_probability.nrrd that 'lungnoduleai detect' wrote.") from exc
+    diffs = grid_mismatches(image_grid(probability), image_grid(ct.image))
+    if diffs:
+        raise ValueError(f"Probability map '{p}' is not on the grid of the CT given ({'; '.join(diffs)}): give the one detected on this CT.")
+    return probability
+
+
 def check_segmentation_source(seg_file: SegmentationFile, seg_path, ct: CTVolume, ct_label: str) -> None:
     """Refuse to export ``seg_file`` with a CT that is not the one it was made on.
 
@@ -255,7 +274,7 @@ def check_formats(formats: Sequence[str]) -> list[str]:
     formats = [f.strip() for f in formats if f.strip()]
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
-        raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: use any of {', '.join(EXPORT_FORMATS)}.")
+        raise OptionError(f"Unknown export format(s) {unknown or list(formats)}: use any of {', '.join(EXPORT_FORMATS)}.")
     return formats
 
 
@@ -330,8 +349,9 @@ def write_reviewed(
     ct: CTVolume,
     model: tuple[str, str],
     probability: sitk.Image | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write every target at once (temporary folder, then renames), or none.
+    """Write every target at once (temporary folder, then renames; :class:`.outputset.OutputSet`), or none.
 
     Args:
         targets: output paths by format (:func:`export_paths`).
@@ -343,6 +363,7 @@ def write_reviewed(
         ct: the CT; DICOM formats need it read from DICOM (``ct.dicom``).
         model: detector ``(name, version)`` for the DICOM algorithm identification.
         probability: for a fractional DICOM SEG.
+        overwrite: replace existing targets.
 
     Each segment's tags gain its tracking UID (kept if it had one, so a nodule
     keeps its UID across exports), whether it was edited and the CT's identity.
@@ -376,29 +397,23 @@ def write_reviewed(
         export_segments.append(
             ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**m.to_dict(), "probability": prob}, tuple(seg.color))
         )
-    output_dir = next(iter(targets.values())).parent
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".lungnoduleai-export-", dir=output_dir))
-    except OSError as exc:
-        raise ValueError(f"Cannot write to export folder '{output_dir}': {exc.strerror or exc}. Choose a folder you can write to.") from exc
-    try:
-        if "nii.gz" in targets:
-            sitk.WriteImage(labels, str(tmp / targets["nii.gz"].name), useCompression=True)
-        if "seg.nrrd" in targets:
-            meta = [{"id": s.id, "name": s.name, "color": tuple(s.color), "label": n, "tags": s.tags} for n, s in enumerate(segments, start=1)]
-            write_segmentation_labelmap(labels, meta, tmp / targets["seg.nrrd"].name, source=ct.identity())
-        if "csv" in targets:
-            write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], tmp / targets["csv"].name)
-        if "json" in targets:
-            exported = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            write_json({**header, "model": {"name": model[0], "version": model[1]}, "exported": exported, "left_out": left_out, "nodules": records}, tmp / targets["json"].name)
-        reviewers = [r["reviewer"] for r in records if r["reviewer"]]
-        write_dicom_outputs(targets, tmp, [labels], export_segments, ct, model, probability, reviewers[0] if reviewers else None)
-        for target in targets.values():
-            os.replace(tmp / target.name, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with OutputSet(targets, overwrite, name=f"{next(iter(targets.values())).name.split('_reviewed')[0]}_reviewed", source=source_key(ct.identity()), what="export folder ") as out:
+        try:
+            if "nii.gz" in targets:
+                sitk.WriteImage(labels, str(out.tmp("nii.gz")), useCompression=True)
+            if "seg.nrrd" in targets:
+                meta = [{"id": s.id, "name": s.name, "color": tuple(s.color), "label": n, "tags": s.tags} for n, s in enumerate(segments, start=1)]
+                write_segmentation_labelmap(labels, meta, out.tmp("seg.nrrd"), source=ct.identity())
+            if "csv" in targets:
+                write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], out.tmp("csv"))
+            if "json" in targets:
+                exported = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                write_json({**header, "model": {"name": model[0], "version": model[1]}, "exported": exported, "left_out": left_out, "nodules": records}, out.tmp("json"))
+            reviewers = [r["reviewer"] for r in records if r["reviewer"]]
+            write_dicom_outputs(targets, out.dir, [labels], export_segments, ct, model, probability, reviewers[0] if reviewers else None)
+        except (OSError, RuntimeError) as exc:
+            raise output_error(out.folder, exc, "export folder ") from exc
+        out.commit()
     return targets
 
 
@@ -436,12 +451,12 @@ def export_reviewed(
     """
     seg_path = Path(seg_path)
     if dicom is None and ct_path is None:
-        raise ValueError("Give the CT the segmentation belongs to: --dicom SOURCE_DIR (needed for DICOM SEG/SR) or --ct FILE.")
+        raise OptionError("Give the CT the segmentation belongs to: --dicom SOURCE_DIR (needed for DICOM SEG/SR) or --ct FILE.")
     if formats is None:
         formats = list(EXPORT_FORMATS[1:]) if dicom is not None else ["nii.gz", "csv", "json"]
     formats = check_formats(formats)
     if dicom is None and any(f in DICOM_FORMATS for f in formats):
-        raise ValueError(
+        raise OptionError(
             f"DICOM SEG/SR export needs the CT's DICOM series, but the CT given ('{ct_path}') is not DICOM. "
             "Give the source DICOM folder with --dicom, or leave dcm-seg and dcm-sr out of --formats."
         )
@@ -492,6 +507,6 @@ def export_reviewed(
     ]
     header = {"segmentation": str(seg_path), "source": {"path": ct.path, **ct.identity()}}
     left_out = {seg_file.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen}
-    probability = read_probability(probability_path) if probability_path else None
-    write_reviewed(targets, labels, measured, reviewed, header, left_out, ct, _model_of(reviewed[0].tags), probability)
+    probability = _read_probability_for(probability_path, ct) if probability_path else None
+    write_reviewed(targets, labels, measured, reviewed, header, left_out, ct, _model_of(reviewed[0].tags), probability, overwrite)
     return targets

@@ -27,6 +27,7 @@ from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model, read_model_spec
 from .rescore import apply_rescorer
 from .preprocess import lung_crop, orient_lps, resample_like, resample_to_spacing, scale_intensity
+from .outputset import choose_output_name, output_error, source_key
 from .writers import (
     OutputSet,
     output_paths,
@@ -137,6 +138,7 @@ class Detector:
         self._predictor = None
         self._load_error: BaseException | None = None
         self._loading: threading.Thread | None = None
+        self._names_used: dict[tuple[str, str], str] = {}  # (folder, name) -> source key of what this detector wrote there
         if isinstance(model, LoadedModel):
             self._model = model
         elif background:
@@ -292,37 +294,54 @@ class Detector:
     ) -> DetectionResult:
         """Read ``path`` (file or DICOM folder), detect, and write all outputs to ``output_dir``.
 
-        Files appear only when every one was written; existing files are
-        refused unless ``overwrite``.
+        Files appear only when every one was written (the ``_nodules.json`` last);
+        existing files are refused unless ``overwrite``. A name that already belongs
+        to another CT in ``output_dir`` (an earlier result, a run going on, an
+        earlier input of this detector) gets a short hash of the source appended
+        (:func:`.outputset.choose_output_name`), so two patients' ``CT`` folders never
+        replace each other's results.
+
+        Raises:
+            ValueError: the input is not a usable CT.
+            FileExistsError: existing files without ``overwrite``, or another run writing the same name.
+            OutputError: ``output_dir`` cannot be written (not a folder, read-only, disk full).
         """
         if progress is not None:
             progress(0, 1, "read")
         t = time.perf_counter()
         ct = read_ct(path)
+        identity = ct.identity()
         read_s = time.perf_counter() - t
-        targets = output_paths(output_dir, ct.name, png)
-        with OutputSet(targets, overwrite) as out:  # refuses existing files before the work starts
+        name = choose_output_name(output_dir, ct.name, identity, self._names_used)
+        targets = output_paths(output_dir, name, png)
+        with OutputSet(targets, overwrite, name=name, source=source_key(identity)) as out:  # reserves the name, refuses existing files before the work
             result = self.detect(ct, threshold, use_lung_mask, progress, should_cancel)
             result.timings_s = {"read": read_s, **result.timings_s}
+            result.notes = out.notes + result.notes
+            if name != ct.name:
+                result.notes.append(f"Results named '{name}': '{ct.name}' in {output_dir} already holds another CT's results.")
             if should_cancel is not None and should_cancel():
                 raise DetectionCancelled("Detection cancelled by the user.")
             if progress is not None:
                 progress(0, 1, "write")
             t = time.perf_counter()
-            write_probability(result.probability, out.tmp("probability"))
-            write_labelmap(result.labelmap, out.tmp("labelmap"))
-            write_segmentation(
-                result.labelmap, result.candidates, out.tmp("segmentation"), model=f"{self.model.spec.name} {self.model.spec.version}", source=ct.identity()
-            )
-            write_candidates_csv(result.candidates, out.tmp("csv"))
-            if png:
-                write_overview_png(ct.image, result.probability, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)
-            result.outputs = dict(targets)
-            result.timings_s["write"] = time.perf_counter() - t
-            write_json(result.report(self.model), out.tmp("json"))
+            try:
+                write_probability(result.probability, out.tmp("probability"))
+                write_labelmap(result.labelmap, out.tmp("labelmap"))
+                model = f"{self.model.spec.name} {self.model.spec.version}"
+                write_segmentation(result.labelmap, result.candidates, out.tmp("segmentation"), model=model, source=identity)
+                write_candidates_csv(result.candidates, out.tmp("csv"))
+                if png:
+                    write_overview_png(ct.image, result.probability, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)
+                result.outputs = dict(targets)
+                result.timings_s["write"] = time.perf_counter() - t
+                write_json(result.report(self.model), out.tmp("json"))
+            except (OSError, RuntimeError) as exc:  # disk full, file size limit, ITK's write errors
+                raise output_error(Path(output_dir), exc) from exc
             if should_cancel is not None and should_cancel():
                 raise DetectionCancelled("Detection cancelled by the user.")
             result.outputs = out.commit()
+            self._names_used[(str(Path(output_dir).resolve()), name)] = source_key(identity)
         if progress is not None:
             progress(1, 1, "write")
         return result

@@ -1,9 +1,9 @@
 """Writing detection results: probability map, labelmap, Slicer .seg.nrrd, CSV, JSON, PNG.
 
-Every writer takes a target path; :class:`OutputSet` gathers a run's files
-in a temporary folder next to the targets and moves them into place only
-when all were written (``commit``), so a cancelled or failed run leaves no
-partial files and never overwrites unless asked.
+Every writer takes a target path; :class:`.outputset.OutputSet` gathers a
+run's files in a temporary folder next to the targets and moves them into
+place only when all were written (``commit``), so a cancelled, failed or
+killed run leaves no partial files and never overwrites unless asked.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +19,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from .candidates import Candidate
+from .outputset import OutputError, OutputSet
 from .provenance import SOURCE_HEADER_KEY, identity_tags
 
 __all__ = [
     "OUTPUT_SUFFIXES",
     "OutputSet",
+    "OutputError",
     "output_paths",
     "write_probability",
     "write_labelmap",
@@ -73,47 +73,6 @@ def output_paths(output_dir: str | os.PathLike, name: str, png: bool = False) ->
     """Final paths of one input's outputs, keyed like :data:`OUTPUT_SUFFIXES`."""
     out = Path(output_dir)
     return {k: out / f"{name}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items() if png or k != "png"}
-
-
-class OutputSet:
-    """Write files into a temporary folder, then move them into place together.
-
-    Use as a context manager: on an exception the temporary files are
-    removed and the targets are untouched.
-
-    Args:
-        targets: final paths keyed by kind.
-        overwrite: replace existing targets; otherwise refuse up front.
-    """
-
-    def __init__(self, targets: dict[str, Path], overwrite: bool = False):
-        self.targets = {k: Path(v) for k, v in targets.items()}
-        existing = [str(p) for p in self.targets.values() if p.exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"Output files already exist: {', '.join(existing)}. Use --overwrite to replace them, or another --output-dir.")
-        self.dir = None
-
-    def __enter__(self) -> "OutputSet":
-        parent = next(iter(self.targets.values())).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=".lungnoduleai-tmp-", dir=parent))
-        return self
-
-    def tmp(self, kind: str) -> Path:
-        """Temporary path to write ``kind`` to."""
-        return self.dir / self.targets[kind].name
-
-    def commit(self) -> dict[str, Path]:
-        """Move every written file into place (same file system: atomic renames)."""
-        for kind, target in self.targets.items():
-            src = self.tmp(kind)
-            if src.exists():
-                os.replace(src, target)
-        return {k: v for k, v in self.targets.items() if v.exists()}
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def write_probability(probability: sitk.Image, path: str | os.PathLike) -> None:

@@ -594,6 +594,10 @@ class LungNoduleAILogic:
         pending, unedited ones are replaced by the new threshold's candidates
         that do not overlap a kept one. No network run. Returns the new segment IDs.
         """
+        try:
+            threshold = float(threshold)
+        except (TypeError, ValueError):
+            raise ValueError(f"Threshold {threshold!r} is not a number: give a probability between 0 and 1, e.g. 0.5.") from None
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"Threshold {threshold} is outside (0, 1).")
         probNode = segmentationNode.GetNodeReference(REF_PROBABILITY)
@@ -744,7 +748,7 @@ class LungNoduleAILogic:
         header = {"source_volume": name, "source": identity, "segmentation": segmentationNode.GetName()}
         leftOut = {sid: statuses[sid] for sid in ids if sid not in export}
         modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
-        write_reviewed(targets, labels, measured, reviewed, header, leftOut, source, modelId, probability)
+        write_reviewed(targets, labels, measured, reviewed, header, leftOut, source, modelId, probability, overwrite)
         for r in reviewed:  # the nodule keeps its tracking UID in later exports
             segment = segmentation.GetSegment(r.id)
             segment.SetTag(TAG_TRACKING_UID, r.tags[TAG_TRACKING_UID])
