@@ -339,7 +339,11 @@ def restrict_to_lung(probability: sitk.Image, lung_mask: sitk.Image, dilate_mm: 
         lung_mask: uint8 lung mask on any grid (physical space, LPS mm).
         dilate_mm: the mask is dilated by this much first (mm).
     """
+    return sitk.Mask(probability, lung_mask_on_grid(lung_mask, probability, dilate_mm))  # p x 0/1 without a float copy of the mask
+
+
+def lung_mask_on_grid(lung_mask: sitk.Image, reference: sitk.Image, dilate_mm: float = 4.0) -> sitk.Image:
+    """The closed lung mask dilated by ``dilate_mm`` (mm) as uint8 0/1 on ``reference``'s grid: where :func:`restrict_to_lung` keeps p."""
     radius = [max(1, int(round(dilate_mm / s))) for s in lung_mask.GetSpacing()]
     mask = sitk.BinaryDilate(lung_mask, radius, sitk.sitkBall)
-    mask_on_grid = sitk.Resample(mask, probability, sitk.Transform(), sitk.sitkNearestNeighbor, 0, probability.GetPixelID())
-    return probability * mask_on_grid
+    return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

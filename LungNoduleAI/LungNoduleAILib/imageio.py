@@ -126,6 +126,8 @@ def read_ct(path: str | os.PathLike, validate: bool = True) -> CTVolume:
 
 def to_hu(image: sitk.Image) -> sitk.Image:
     """Cast to int16 HU and clamp field-of-view padding (below -1024 HU) to air."""
+    if image.GetPixelID() == sitk.sitkInt16:  # the common case, in ITK: one output image, no numpy copies
+        return sitk.Threshold(image, int(_PADDING_BELOW_HU), 32767, int(AIR_HU))
     arr = sitk.GetArrayFromImage(image)
     if np.issubdtype(arr.dtype, np.floating):
         arr = np.round(arr)

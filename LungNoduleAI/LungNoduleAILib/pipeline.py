@@ -21,15 +21,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .candidates import Candidate, extract_candidates, restrict_to_lung
+from .candidates import Candidate, extract_candidates, lung_mask_on_grid
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model, read_model_spec
 from .rescore import apply_rescorer
-from .preprocess import lung_crop, orient_lps, resample_like, resample_to_spacing, scale_intensity
+from .preprocess import lung_crop, orient_lps, resample_to_spacing, scale_intensity
 from .outputset import choose_output_name, output_error, source_key
 from .writers import (
+    PROBABILITY_SCALE,
     OutputSet,
+    quantize_probability,
     output_paths,
     write_candidates_csv,
     write_json,
@@ -53,7 +55,8 @@ class DetectionResult:
 
     Attributes:
         ct: the input volume.
-        probability: float32 probabilities (0-1) on the CT grid.
+        probability_u8: probabilities on the CT grid as uint8, p = value / 255 (what the
+            probability file stores; a quarter of the memory of float32 for a long CT).
         labelmap: uint16 labelmap on the CT grid, label i = candidate of rank i.
         candidates: ranked candidates.
         threshold: probability threshold used.
@@ -65,7 +68,7 @@ class DetectionResult:
     """
 
     ct: CTVolume
-    probability: sitk.Image
+    probability_u8: sitk.Image
     labelmap: sitk.Image
     candidates: list[Candidate]
     threshold: float
@@ -74,6 +77,11 @@ class DetectionResult:
     lung_found: bool = False
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def probability(self) -> sitk.Image:
+        """float32 probabilities (0-1) on the CT grid (from :attr:`probability_u8`, as the probability file reads back)."""
+        return sitk.Cast(self.probability_u8, sitk.sitkFloat32) * PROBABILITY_SCALE
 
     def report(self, model: LoadedModel) -> dict:
         """The JSON contract (``<name>_nodules.json``)."""
@@ -113,6 +121,34 @@ def _paste_into(sub: sitk.Image, reference: sitk.Image, lo: list[int], pixel_typ
     full = sitk.Image(reference.GetSize(), pixel_type)
     full.CopyInformation(reference)
     return sitk.Paste(full, sitk.Cast(sub, pixel_type), sub.GetSize(), [0, 0, 0], [int(v) for v in lo])
+
+
+def _candidate_box(probability: sitk.Image, lung: sitk.Image | None, threshold: float, spec) -> tuple[tuple[slice, ...], list[int]]:
+    """The box (plus 2 voxels) of the voxels at or above the lower of ``threshold`` and the model's segment
+    threshold, inside ``lung`` (uint8 0/1 on ``probability``'s grid; ``None``: everywhere): nothing outside
+    it can belong to a candidate, so :func:`.candidates.extract_candidates` on it gives the same candidates.
+
+    Returns:
+        ``(slices (i, j, k) of the box on probability's grid, its first index (i, j, k))``.
+    """
+    low = min(threshold, spec.segment_threshold) if spec.segment_threshold is not None else threshold
+    arr = sitk.GetArrayViewFromImage(probability)
+    keep = sitk.GetArrayViewFromImage(lung) if lung is not None else None
+    hits, rows, cols = np.zeros(arr.shape[0], bool), np.zeros(arr.shape[1], bool), np.zeros(arr.shape[2], bool)
+    for k in range(arr.shape[0]):  # slice by slice: no mask of the whole volume
+        above = arr[k] >= low
+        if keep is not None:
+            above &= keep[k] > 0
+        if above.any():
+            hits[k] = True
+            rows |= above.any(axis=1)
+            cols |= above.any(axis=0)
+    if not hits.any():
+        lo, hi = [0, 0, 0], [1, 1, 1]
+    else:
+        lo = [max(0, int(np.argmax(a)) - 2) for a in (cols, rows, hits)]
+        hi = [min(s, len(a) - int(np.argmax(a[::-1])) + 2) for s, a in zip(probability.GetSize(), (cols, rows, hits))]
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), lo
 
 
 class Detector:
@@ -226,6 +262,7 @@ class Detector:
         t = time.perf_counter()
         oriented = orient_lps(ct.image)
         resampled = resample_to_spacing(oriented, spec.spacing_mm, sitk.sitkLinear, -1000.0)
+        del oriented
         timings["preprocess"] = time.perf_counter() - t
 
         stage("lung mask")
@@ -264,18 +301,40 @@ class Detector:
         prob_crop_img.SetOrigin(resampled.TransformIndexToPhysicalPoint((x0, y0, z0)))
         del prob_crop
         lo, hi = _covering_index_box(prob_crop_img, ct.image)
-        ct_sub = ct.image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        prob_sub = resample_like(prob_crop_img, ct_sub, sitk.sitkLinear, 0.0)
+        grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)  # the CT's sub-grid [lo, hi), without copying its voxels
+        grid.SetSpacing(ct.image.GetSpacing())
+        grid.SetDirection(ct.image.GetDirection())
+        grid.SetOrigin(ct.image.TransformIndexToPhysicalPoint(lo))
+        sub_size = [b - a for a, b in zip(lo, hi)]
+        prob_sub = sitk.Resample(prob_crop_img, sub_size, sitk.Transform(), sitk.sitkLinear, grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection(), 0.0, sitk.sitkFloat32)
+        del prob_crop_img
+        lung_sub = None
         if crop is not None and crop.found and spec.restrict_to_lung:
-            prob_sub = restrict_to_lung(prob_sub, crop.mask)
-        labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, **spec.candidate_options())
+            lung_sub = lung_mask_on_grid(crop.mask, prob_sub)  # p is 0 outside it (restrict_to_lung), applied box by box below
         if spec.rescoring:
+            ct_sub = ct.image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            prob_sub = sitk.Mask(prob_sub, lung_sub) if lung_sub is not None else prob_sub
+            labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, **spec.candidate_options())
             labelmap_sub, cands = apply_rescorer(spec.rescoring, cands, labelmap_sub, ct_sub, prob_sub)
+            box = [0, 0, 0]
+        else:  # on the box of the voxels that can be part of a candidate: the same candidates, a fraction of the memory
+            prob_u8 = quantize_probability(prob_sub)
+            prob_u8 = sitk.Mask(prob_u8, lung_sub) if lung_sub is not None else prob_u8
+            sl, box = _candidate_box(prob_sub, lung_sub, threshold, spec)
+            p_box = sitk.Mask(prob_sub[sl], lung_sub[sl]) if lung_sub is not None else prob_sub[sl]
+            del prob_sub, lung_sub  # before the connected components: the float map of the whole lung is not needed any more
+            ct_box = ct.image[tuple(slice(a + o, b.stop + o) for a, b, o in zip(box, sl, lo))]
+            labelmap_sub, cands = extract_candidates(p_box, ct_box, threshold, **spec.candidate_options())
+            del p_box, ct_box
         for c in cands:
-            c.bbox_ijk = [v + lo[i % 3] for i, v in enumerate(c.bbox_ijk)]
-            c.center_ijk = [round(v + lo[i], 3) for i, v in enumerate(c.center_ijk)]
-        prob_ct = _paste_into(prob_sub, ct.image, lo, sitk.sitkFloat32)
-        labelmap = _paste_into(labelmap_sub, ct.image, lo, sitk.sitkUInt16)
+            c.bbox_ijk = [v + lo[i % 3] + box[i % 3] for i, v in enumerate(c.bbox_ijk)]
+            c.center_ijk = [round(v + lo[i] + box[i], 3) for i, v in enumerate(c.center_ijk)]
+        if spec.rescoring:
+            prob_u8 = quantize_probability(prob_sub)
+            del prob_sub
+        prob_ct = _paste_into(prob_u8, ct.image, lo, sitk.sitkUInt8)
+        del prob_u8
+        labelmap = _paste_into(labelmap_sub, ct.image, [a + b for a, b in zip(lo, box)], sitk.sitkUInt16)
         timings["candidates"] = time.perf_counter() - t
         if progress is not None:
             progress(1, 1, "candidates")
@@ -326,13 +385,13 @@ class Detector:
                 progress(0, 1, "write")
             t = time.perf_counter()
             try:
-                write_probability(result.probability, out.tmp("probability"))
+                write_probability(result.probability_u8, out.tmp("probability"))
                 write_labelmap(result.labelmap, out.tmp("labelmap"))
                 model = f"{self.model.spec.name} {self.model.spec.version}"
                 write_segmentation(result.labelmap, result.candidates, out.tmp("segmentation"), model=model, source=identity)
                 write_candidates_csv(result.candidates, out.tmp("csv"))
                 if png:
-                    write_overview_png(ct.image, result.probability, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)
+                    write_overview_png(ct.image, result.probability_u8, result.labelmap, result.candidates, out.tmp("png"), title=ct.name)
                 result.outputs = dict(targets)
                 result.timings_s["write"] = time.perf_counter() - t
                 write_json(result.report(self.model), out.tmp("json"))

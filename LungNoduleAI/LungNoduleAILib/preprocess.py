@@ -36,6 +36,8 @@ def orient_lps(image: sitk.Image) -> sitk.Image:
     Oblique residual rotation is kept in the direction matrix; voxel values
     are not interpolated.
     """
+    if sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == "LPS":
+        return image  # already so: no copy of a long CT
     return sitk.DICOMOrient(image, "LPS")
 
 

@@ -75,11 +75,26 @@ def output_paths(output_dir: str | os.PathLike, name: str, png: bool = False) ->
     return {k: out / f"{name}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items() if png or k != "png"}
 
 
-def write_probability(probability: sitk.Image, path: str | os.PathLike) -> None:
-    """Probability map as compressed uint8 NRRD (value x 1/255); the scale is in the header."""
+def quantize_probability(probability: sitk.Image) -> sitk.Image:
+    """Float probabilities (0-1) as uint8, value = round(p x 255): what the probability file stores."""
+    if probability.GetPixelID() == sitk.sitkUInt8:
+        return probability
     arr = sitk.GetArrayViewFromImage(probability)
-    img = sitk.GetImageFromArray(np.clip(np.round(np.asarray(arr) * 255.0), 0, 255).astype(np.uint8))
+    out = np.empty(arr.shape, np.uint8)
+    for k in range(arr.shape[0]):  # slice by slice: no float copies of a whole long CT
+        out[k] = np.clip(np.round(np.asarray(arr[k]) * 255.0), 0, 255)
+    img = sitk.GetImageFromArray(out)
     img.CopyInformation(probability)
+    return img
+
+
+def write_probability(probability: sitk.Image, path: str | os.PathLike) -> None:
+    """Probability map as compressed uint8 NRRD (value x 1/255); the scale is in the header.
+
+    Args:
+        probability: float probabilities (0-1), or already quantized by :func:`quantize_probability`.
+    """
+    img = sitk.Image(quantize_probability(probability))  # a copy shares the buffer until changed: the metadata below stay on it
     img.SetMetaData("LungNoduleAI.ProbabilityScale", repr(PROBABILITY_SCALE))
     img.SetMetaData("LungNoduleAI.Quantity", "nodule probability")
     sitk.WriteImage(img, str(path), useCompression=True)
@@ -175,12 +190,12 @@ def write_segmentation_labelmap(labelmap: sitk.Image, segments: Sequence[dict], 
         path: output file (``.seg.nrrd``).
         source: the CT's identity, stored as header key ``LungNoduleAI.Source`` (JSON).
     """
-    arr = sitk.GetArrayViewFromImage(labelmap)
-    dtype = np.uint8 if max((s["label"] for s in segments), default=0) < 256 else np.uint16
-    img = sitk.GetImageFromArray(np.asarray(arr).astype(dtype))
-    img.CopyInformation(labelmap)
+    pixel = sitk.sitkUInt8 if max((s["label"] for s in segments), default=0) < 256 else sitk.sitkUInt16
+    img = sitk.Image(sitk.Cast(labelmap, pixel))  # in ITK, no numpy copies of a long CT's labelmap
+    for key in img.GetMetaDataKeys():
+        img.EraseMetaData(key)
     stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(img, sitk.sitkUInt16))
+    stats.Execute(img)
     img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     img.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
@@ -259,7 +274,8 @@ def write_overview_png(ct_hu: sitk.Image, probability: sitk.Image, labelmap: sit
             k = min(max(k, 0), ct_a.shape[0] - 1)
         extent = (0, ct_a.shape[2] * sx, ct_a.shape[1] * sy, 0)
         ax.imshow(ct_a[k], cmap="gray", vmin=-1350, vmax=150, extent=extent, interpolation="bilinear")
-        p = np.ma.masked_less(np.asarray(prob_a[k]), 0.1)
+        p = np.asarray(prob_a[k]) * (PROBABILITY_SCALE if prob_a.dtype == np.uint8 else 1.0)
+        p = np.ma.masked_less(p, 0.1)
         ax.imshow(p, cmap="hot", vmin=0, vmax=1, alpha=0.45, extent=extent, interpolation="nearest")
         sl = np.asarray(lab_a[k])
         for other in candidates:
