@@ -189,8 +189,7 @@ class OutputSet:
     def __enter__(self) -> "OutputSet":
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._remove_stale()
-            self._reserve()
+            self._reserve()  # leftovers of dead runs were removed when the set was made
             self._check_existing()  # a run that finished meanwhile
             self.dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}@{socket.gethostname()}-", dir=self.folder))
             self._write_lock()

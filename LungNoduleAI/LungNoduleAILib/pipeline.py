@@ -123,13 +123,13 @@ def _paste_into(sub: sitk.Image, reference: sitk.Image, lo: list[int], pixel_typ
     return sitk.Paste(full, sitk.Cast(sub, pixel_type), sub.GetSize(), [0, 0, 0], [int(v) for v in lo])
 
 
-def _candidate_box(probability: sitk.Image, lung: sitk.Image | None, threshold: float, spec) -> tuple[tuple[slice, ...], list[int]]:
+def _candidate_box(probability: sitk.Image, lung: sitk.Image | None, threshold: float, spec) -> tuple[slice, ...]:
     """The box (plus 2 voxels) of the voxels at or above the lower of ``threshold`` and the model's segment
     threshold, inside ``lung`` (uint8 0/1 on ``probability``'s grid; ``None``: everywhere): nothing outside
     it can belong to a candidate, so :func:`.candidates.extract_candidates` on it gives the same candidates.
 
     Returns:
-        ``(slices (i, j, k) of the box on probability's grid, its first index (i, j, k))``.
+        Slices ``(i, j, k)`` of the box on ``probability``'s grid.
     """
     low = min(threshold, spec.segment_threshold) if spec.segment_threshold is not None else threshold
     arr = sitk.GetArrayViewFromImage(probability)
@@ -148,7 +148,7 @@ def _candidate_box(probability: sitk.Image, lung: sitk.Image | None, threshold: 
     else:
         lo = [max(0, int(np.argmax(a)) - 2) for a in (cols, rows, hits)]
         hi = [min(s, len(a) - int(np.argmax(a[::-1])) + 2) for s, a in zip(probability.GetSize(), (cols, rows, hits))]
-    return tuple(slice(a, b) for a, b in zip(lo, hi)), lo
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
 class Detector:
@@ -301,40 +301,34 @@ class Detector:
         prob_crop_img.SetOrigin(resampled.TransformIndexToPhysicalPoint((x0, y0, z0)))
         del prob_crop
         lo, hi = _covering_index_box(prob_crop_img, ct.image)
-        grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)  # the CT's sub-grid [lo, hi), without copying its voxels
-        grid.SetSpacing(ct.image.GetSpacing())
-        grid.SetDirection(ct.image.GetDirection())
-        grid.SetOrigin(ct.image.TransformIndexToPhysicalPoint(lo))
-        sub_size = [b - a for a, b in zip(lo, hi)]
-        prob_sub = sitk.Resample(prob_crop_img, sub_size, sitk.Transform(), sitk.sitkLinear, grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection(), 0.0, sitk.sitkFloat32)
+        sub_size = [b - a for a, b in zip(lo, hi)]  # the CT's sub-grid [lo, hi), resampled onto without copying the CT's voxels
+        prob_sub = sitk.Resample(
+            prob_crop_img, sub_size, sitk.Transform(), sitk.sitkLinear,
+            ct.image.TransformIndexToPhysicalPoint(lo), ct.image.GetSpacing(), ct.image.GetDirection(), 0.0, sitk.sitkFloat32,
+        )
         del prob_crop_img
-        lung_sub = None
-        if crop is not None and crop.found and spec.restrict_to_lung:
-            lung_sub = lung_mask_on_grid(crop.mask, prob_sub)  # p is 0 outside it (restrict_to_lung), applied box by box below
+        lung_sub = lung_mask_on_grid(crop.mask, prob_sub) if crop is not None and crop.found and spec.restrict_to_lung else None  # p counts only inside
+        if spec.rescoring:  # the second stage looks around its candidates: the whole sub-grid
+            box = tuple(slice(0, n) for n in sub_size)
+        else:  # the box of the voxels that can be part of a candidate: the same candidates, a fraction of the memory
+            box = _candidate_box(prob_sub, lung_sub, threshold, spec)
+        prob_u8 = quantize_probability(prob_sub)
+        p_box = prob_sub[box]
+        if lung_sub is not None:
+            prob_u8, p_box = sitk.Mask(prob_u8, lung_sub), sitk.Mask(p_box, lung_sub[box])
+        del prob_sub, lung_sub  # before the connected components: the float map of the whole lung is not needed any more
+        start = [a + b.start for a, b in zip(lo, box)]
+        ct_box = ct.image[tuple(slice(a, a + b.stop - b.start) for a, b in zip(start, box))]
+        labelmap_box, cands = extract_candidates(p_box, ct_box, threshold, **spec.candidate_options())
         if spec.rescoring:
-            ct_sub = ct.image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-            prob_sub = sitk.Mask(prob_sub, lung_sub) if lung_sub is not None else prob_sub
-            labelmap_sub, cands = extract_candidates(prob_sub, ct_sub, threshold, **spec.candidate_options())
-            labelmap_sub, cands = apply_rescorer(spec.rescoring, cands, labelmap_sub, ct_sub, prob_sub)
-            box = [0, 0, 0]
-        else:  # on the box of the voxels that can be part of a candidate: the same candidates, a fraction of the memory
-            prob_u8 = quantize_probability(prob_sub)
-            prob_u8 = sitk.Mask(prob_u8, lung_sub) if lung_sub is not None else prob_u8
-            sl, box = _candidate_box(prob_sub, lung_sub, threshold, spec)
-            p_box = sitk.Mask(prob_sub[sl], lung_sub[sl]) if lung_sub is not None else prob_sub[sl]
-            del prob_sub, lung_sub  # before the connected components: the float map of the whole lung is not needed any more
-            ct_box = ct.image[tuple(slice(a + o, b.stop + o) for a, b, o in zip(box, sl, lo))]
-            labelmap_sub, cands = extract_candidates(p_box, ct_box, threshold, **spec.candidate_options())
-            del p_box, ct_box
+            labelmap_box, cands = apply_rescorer(spec.rescoring, cands, labelmap_box, ct_box, p_box)
+        del p_box, ct_box
         for c in cands:
-            c.bbox_ijk = [v + lo[i % 3] + box[i % 3] for i, v in enumerate(c.bbox_ijk)]
-            c.center_ijk = [round(v + lo[i] + box[i], 3) for i, v in enumerate(c.center_ijk)]
-        if spec.rescoring:
-            prob_u8 = quantize_probability(prob_sub)
-            del prob_sub
+            c.bbox_ijk = [v + start[i % 3] for i, v in enumerate(c.bbox_ijk)]
+            c.center_ijk = [round(v + start[i], 3) for i, v in enumerate(c.center_ijk)]
         prob_ct = _paste_into(prob_u8, ct.image, lo, sitk.sitkUInt8)
         del prob_u8
-        labelmap = _paste_into(labelmap_sub, ct.image, [a + b for a, b in zip(lo, box)], sitk.sitkUInt16)
+        labelmap = _paste_into(labelmap_box, ct.image, start, sitk.sitkUInt16)
         timings["candidates"] = time.perf_counter() - t
         if progress is not None:
             progress(1, 1, "candidates")
