@@ -17,30 +17,17 @@ import getpass
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
 
-from LungNoduleAILib.candidates import Candidate, extract_candidates, measure_candidates
+from LungNoduleAILib.candidates import Candidate, extract_candidates
 from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_lps_matrix, ijk_to_ras_matrix
 from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
-from LungNoduleAILib.export import DICOM_FORMATS, TAG_EDITED, TAG_MODEL, TAG_TRACKING_UID, ReviewedSegment, check_formats, export_paths, write_reviewed
-from LungNoduleAILib.export import EXPORT_FORMATS as ENGINE_EXPORT_FORMATS
-from LungNoduleAILib.provenance import (
-    TAG_SOURCE_GRID,
-    TAG_SOURCE_SERIES,
-    TAG_SOURCE_SHA256,
-    check_same_source,
-    grid_mismatches,
-    identity_from_tags,
-    identity_tags,
-    image_grid,
-    segment_inside,
-    source_identity,
-)
+from LungNoduleAILib.provenance import check_same_source, identity_tags, source_identity
 from LungNoduleAILib.rescore import apply_rescorer
 from LungNoduleAILib.writers import (
     SEGMENT_COLORS,
@@ -50,64 +37,29 @@ from LungNoduleAILib.writers import (
     segment_tags,
 )
 
-__all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
-
-REVIEW_STATUSES = ("pending", "accepted", "rejected", "flagged")
-EXPORT_FORMATS = ENGINE_EXPORT_FORMATS
-ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
-"""Attribute Slicer's DICOM module sets on a volume it loaded: the SOP Instance UIDs of its slices."""
-
-TAG_REVIEW = "LungNoduleAI.ReviewStatus"
-TAG_REVIEWER = "LungNoduleAI.Reviewer"
-TAG_REVIEW_TIME = "LungNoduleAI.ReviewTime"
-TAG_DETECTED = "LungNoduleAI.DetectedMaskSha1"
-TAG_PROBABILITY = "LungNoduleAI.Probability"
-TAG_RANK = "LungNoduleAI.Rank"
-
-KNOWN_TAGS = (
-    "Segmentation.Status",
-    "TerminologyEntry",
-    TAG_RANK,
+from .exporting import ExportMixin
+from .names import (  # noqa: F401  (re-exported: the names the module has always offered)
+    ATTR_DICOM_INSTANCES,
+    ATTR_MODEL,
+    ATTR_SOURCE,
+    ATTR_THRESHOLD,
+    EXPORT_FORMATS,
+    KNOWN_TAGS,
+    REF_LABELMAP,
+    REF_PROBABILITY,
+    REF_TABLE,
+    REF_VOLUME,
+    REVIEW_STATUSES,
+    TABLE_COLUMNS,
+    TAG_DETECTED,
     TAG_PROBABILITY,
-    "LungNoduleAI.Score",
-    "LungNoduleAI.DiameterMm",
-    "LungNoduleAI.LongestAxialDiameterMm",
-    "LungNoduleAI.VolumeMm3",
-    "LungNoduleAI.CenterRAS",
+    TAG_RANK,
     TAG_REVIEW,
     TAG_REVIEWER,
     TAG_REVIEW_TIME,
-    TAG_DETECTED,
-    TAG_MODEL,
-    TAG_TRACKING_UID,
-    TAG_EDITED,
-    TAG_SOURCE_SERIES,
-    TAG_SOURCE_SHA256,
-    TAG_SOURCE_GRID,
 )
-"""Segment tags carried into exported .seg.nrrd files (vtkSegment cannot list its tags)."""
 
-REF_PROBABILITY = "LungNoduleAI.Probability"
-REF_LABELMAP = "LungNoduleAI.Labelmap"
-REF_TABLE = "LungNoduleAI.Table"
-REF_VOLUME = "LungNoduleAI.SourceVolume"
-ATTR_THRESHOLD = "LungNoduleAI.Threshold"
-ATTR_MODEL = "LungNoduleAI.Model"
-ATTR_SOURCE = "LungNoduleAI.Source"
-"""Segmentation node attribute: the identity of the CT the candidates were detected on (JSON, :mod:`LungNoduleAILib.provenance`)."""
-
-TABLE_COLUMNS = [
-    ("rank", "Rank", "int"),
-    ("probability", "Probability", "double"),
-    ("diameter_mm", "Diameter (mm)", "double"),
-    ("volume_mm3", "Volume (mm3)", "double"),
-    ("status", "Status", "string"),
-    ("segment_id", "Segment ID", "string"),
-    ("center_r", "R (mm)", "double"),
-    ("center_a", "A (mm)", "double"),
-    ("center_s", "S (mm)", "double"),
-]
-
+__all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
 
 @dataclass
 class LungNoduleAIResult:
@@ -129,7 +81,7 @@ def _segmentationsLogic():
     return slicer.vtkSlicerSegmentationsModuleLogic
 
 
-class LungNoduleAILogic:
+class LungNoduleAILogic(ExportMixin):
     """Detection, review and export on MRML nodes.
 
     Args:
@@ -511,66 +463,6 @@ class LungNoduleAILogic:
         crop = arr[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1].astype(np.uint8)
         return crop, [int(i0 + ext[0]), int(j0 + ext[2]), int(k0 + ext[4]), int(i1 + ext[0]), int(j1 + ext[2]), int(k1 + ext[4])], indexToLps
 
-    def recordedSource(self, segmentationNode) -> dict | None:
-        """The identity of the CT the segmentation's candidates were detected on (``None`` for one drawn by hand).
-
-        From the node's attribute (set by :meth:`detect`/:meth:`importResults`, saved with the scene),
-        else from its segments' tags (kept in a ``.seg.nrrd``).
-
-        Raises:
-            ValueError: its segments record different CTs.
-        """
-        recorded = json.loads(segmentationNode.GetAttribute(ATTR_SOURCE) or "null")
-        if recorded:
-            return recorded
-        segmentation = segmentationNode.GetSegmentation()
-        tags = [
-            {k: v for k in (TAG_SOURCE_SERIES, TAG_SOURCE_SHA256, TAG_SOURCE_GRID) if (v := self._tag(segmentation.GetSegment(sid), k)) is not None}
-            for sid in self.candidateSegmentIds(segmentationNode)
-        ]
-        return identity_from_tags(tags, f"Segmentation '{segmentationNode.GetName()}'")
-
-    def _checkExportSource(self, segmentationNode, volumeNode, ct: sitk.Image, dicomSeries, dicomSource, segmentIds: list[str]) -> dict:
-        """Refuse an export whose volume or DICOM series is not the CT the segmentation was made on; return the volume's identity.
-
-        Raises:
-            ValueError: naming what differs (UIDs, grid, voxel checksum), or the segments that reach outside the volume.
-        """
-        what = f"Segmentation '{segmentationNode.GetName()}'"
-        seriesUid = dicomSeries.series_uid if dicomSeries else volumeNode.GetAttribute("DICOM.SeriesInstanceUID")
-        identity = source_identity(ct, dicomSeries, seriesUid)
-        recorded = self.recordedSource(segmentationNode)
-        if recorded is not None:
-            check_same_source(recorded, identity, what, f"volume '{volumeNode.GetName()}'")
-        else:
-            volumeGrid = image_grid(ct)
-            for sid in segmentIds:
-                _, _, indexToLps = self._segmentVoxels(segmentationNode, sid)
-                origin, spacing, direction = geometry_from_ijk_to_ras(ijk_to_lps_matrix(indexToLps))
-                diffs = grid_mismatches({"size_ijk": [], "spacing_mm": spacing, "direction": direction, "origin_lps_mm": origin}, {**volumeGrid, "size_ijk": []})
-                if diffs:
-                    raise ValueError(
-                        f"{what} records no source CT, and its grid is not that of volume '{volumeNode.GetName()}': {'; '.join(diffs)}. "
-                        "Nothing was exported. Select the CT it was drawn on, or set the segmentation's geometry to that volume."
-                    )
-        if dicomSeries is not None and not (volumeNode.GetAttribute(ATTR_DICOM_INSTANCES) or "").split():
-            # a volume not loaded through the DICOM module: the series must hold this volume's voxels
-            from LungNoduleAILib.imageio import read_ct
-
-            series = read_ct(dicomSource)
-            check_same_source({**identity, "series_uid": None}, {**series.identity(), "series_uid": None}, f"Volume '{volumeNode.GetName()}'", f"the DICOM series {dicomSeries.series_uid}")
-        outside = [
-            segmentationNode.GetSegmentation().GetSegment(sid).GetName()
-            for sid in segmentIds
-            if (voxels := self._segmentVoxels(segmentationNode, sid))[1][3] >= voxels[1][0] and not segment_inside(voxels[2], voxels[1], ct)
-        ]
-        if outside:
-            raise ValueError(
-                f"Segment(s) {', '.join(outside)} reach outside volume '{volumeNode.GetName()}': their voxels would be cut and their measurements wrong. "
-                "Nothing was exported. Select the CT they were drawn on, or trim them to it in the Segment Editor."
-            )
-        return identity
-
     def _segmentArrayOnVolume(self, segmentationNode, segmentIds: list[str], volumeNode) -> np.ndarray:
         """Label array ``(k, j, i)`` on ``volumeNode``'s grid: value n = n-th of ``segmentIds`` (resampled by Slicer)."""
         labelNode = slicer.vtkMRMLLabelMapVolumeNode()
@@ -655,144 +547,6 @@ class LungNoduleAILogic:
             raise ValueError(f"Model metadata '{modelPath}' not found: choose a model's .json file.")
         spec = self._modelSpec(modelPath)
         return float(spec.threshold) if spec else 0.5
-
-    # ------------------------------------------------------------------ export
-
-    def exportReviewed(
-        self,
-        segmentationNode,
-        referenceVolumeNode,
-        outputDir: str,
-        formats: Sequence[str] = ("seg.nrrd", "nii.gz", "csv", "json"),
-        includePending: bool = False,
-        overwrite: bool = False,
-        dicomSource: str | Sequence[str] | None = None,
-        segmentationType: str = "binary",
-    ) -> list[str]:
-        """Export the accepted candidates as the annotator left them.
-
-        Segments are exported in ``referenceVolumeNode``'s geometry with their
-        measurements recomputed from the edited voxels; rejected ones are left
-        out; pending and flagged ones are refused unless ``includePending``.
-
-        Files (``<volume>`` = the reference volume's name): ``<volume>_reviewed.seg.nrrd``,
-        ``<volume>_reviewed_labels.nii.gz`` (label i = i-th exported nodule),
-        ``<volume>_reviewed_nodules.csv`` and ``.json``, and for the DICOM formats
-        ``<volume>_reviewed_seg.dcm`` (``dcm-seg``) and ``<volume>_reviewed_sr.dcm``
-        (``dcm-sr``, TID 1500 measurements referencing the SEG).
-
-        Args:
-            formats: any of :data:`EXPORT_FORMATS`.
-            dicomSource: for ``dcm-seg``/``dcm-sr``: the CT's DICOM folder or
-                files. Default: the instances the volume was loaded from through
-                Slicer's DICOM module (its ``DICOM.instanceUIDs``, looked up in
-                ``slicer.dicomDatabase``).
-            segmentationType: ``binary`` or ``fractional`` (the detection
-                probability inside each reviewed mask) for the DICOM SEG.
-
-        Returns:
-            Paths of the written files.
-
-        Raises:
-            ValueError: unknown format, unreviewed candidates, nothing to export,
-                an empty segment, DICOM formats for a CT not from DICOM, existing
-                files (without ``overwrite``) or an unwritable folder.
-        """
-        formats = check_formats(formats)
-        if segmentationType not in ("binary", "fractional"):
-            raise ValueError(f"Unknown DICOM segmentation type '{segmentationType}': use binary or fractional.")
-        self._checkCTVolume(referenceVolumeNode)
-        if segmentationNode is None:
-            raise ValueError("No segmentation selected: select the nodule segmentation to export.")
-        ids = self.candidateSegmentIds(segmentationNode)
-        statuses = {sid: self.candidateStatus(segmentationNode, sid) for sid in ids}
-        segmentation = segmentationNode.GetSegmentation()
-        unresolved = [sid for sid in ids if statuses[sid] in ("pending", "flagged")]
-        if unresolved and not includePending:
-            names = ", ".join(segmentation.GetSegment(s).GetName() for s in unresolved)
-            raise ValueError(f"{len(unresolved)} candidate(s) not yet accepted or rejected: {names}. Review them, or export with includePending=True.")
-        export = [sid for sid in ids if statuses[sid] == "accepted" or (includePending and statuses[sid] in ("pending", "flagged"))]
-        if not export:
-            raise ValueError("No accepted candidates to export: accept at least one candidate first.")
-        wantsDicom = any(f in DICOM_FORMATS for f in formats)
-        dicomSeries = self.dicomSeriesForVolume(referenceVolumeNode, dicomSource) if wantsDicom else None
-        probability = None
-        if wantsDicom and segmentationType == "fractional":
-            probNode = segmentationNode.GetNodeReference(REF_PROBABILITY)
-            if probNode is None:
-                raise ValueError(f"A fractional DICOM SEG needs the probability map of the detection, but '{segmentationNode.GetName()}' has none: export a binary SEG.")
-            probability = self.imageFromVolume(probNode)
-
-        labels = self._segmentArrayOnVolume(segmentationNode, export, referenceVolumeNode)
-        arr = sitk.GetArrayViewFromImage(labels)
-        present = set(np.unique(arr).tolist())
-        empty = [segmentation.GetSegment(sid).GetName() for n, sid in enumerate(export, start=1) if n not in present]
-        if empty:
-            raise ValueError(f"Segment(s) {', '.join(empty)} are empty (edited into emptiness or outside the volume): reject them or redraw them.")
-        ct = to_hu(self.imageFromVolume(referenceVolumeNode))
-        identity = self._checkExportSource(segmentationNode, referenceVolumeNode, ct, dicomSeries, dicomSource, export)
-        measured = measure_candidates(labels, ct)
-        name = referenceVolumeNode.GetName()
-        targets = export_paths(outputDir, name, formats)
-        existing = [str(p) for p in targets.values() if p.exists()]
-        if existing and not overwrite:
-            raise ValueError(f"Export files already exist: {', '.join(existing)}. Choose another folder or allow overwriting.")
-        model = json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}")
-        reviewed = []
-        for sid in export:
-            seg = segmentation.GetSegment(sid)
-            tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
-            reviewed.append(ReviewedSegment(sid, seg.GetName(), tuple(seg.GetColor()), tags, statuses[sid], self.isEdited(segmentationNode, sid)))
-        seriesUid = identity["series_uid"]
-        source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=seriesUid, dicom=dicomSeries, _identity=identity)
-        header = {"source_volume": name, "source": identity, "segmentation": segmentationNode.GetName()}
-        leftOut = {sid: statuses[sid] for sid in ids if sid not in export}
-        modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
-        write_reviewed(targets, labels, measured, reviewed, header, leftOut, source, modelId, probability, overwrite)
-        for r in reviewed:  # the nodule keeps its tracking UID in later exports
-            segment = segmentation.GetSegment(r.id)
-            segment.SetTag(TAG_TRACKING_UID, r.tags[TAG_TRACKING_UID])
-            segment.SetTag(TAG_EDITED, r.tags[TAG_EDITED])
-        return [str(p) for p in targets.values()]
-
-    def dicomSeriesForVolume(self, volumeNode, dicomSource: str | Sequence[str] | None = None):
-        """The DICOM series ``volumeNode`` was loaded from (for SEG/SR export).
-
-        Args:
-            dicomSource: the DICOM folder or files; default: the volume's
-                ``DICOM.instanceUIDs`` looked up in Slicer's DICOM database.
-
-        Raises:
-            ValueError: the volume did not come from DICOM and no source was
-                given, its instances are not in the database, or the source holds
-                other instances than the ones the volume was loaded from.
-        """
-        from LungNoduleAILib.dicomio import choose_ct_series
-
-        uids = (volumeNode.GetAttribute(ATTR_DICOM_INSTANCES) or "").split()
-        if dicomSource is None:
-            if not uids:
-                raise ValueError(
-                    f"Volume '{volumeNode.GetName()}' was not loaded from DICOM, so a DICOM SEG/SR cannot reference its images. "
-                    "Load the CT through the DICOM module (import the series, then Load), run Detect on it, "
-                    "or export seg.nrrd/NIfTI/CSV/JSON instead."
-                )
-            database = getattr(slicer, "dicomDatabase", None)
-            files = [database.fileForInstance(uid) for uid in uids] if database is not None else []
-            if len(files) != len(uids) or not all(files):
-                raise ValueError(
-                    f"The DICOM files of volume '{volumeNode.GetName()}' are not in Slicer's DICOM database any more. "
-                    "Re-import the series in the DICOM module, or give the DICOM folder."
-                )
-            dicomSource = files
-        series, _ = choose_ct_series(dicomSource)
-        if uids and set(uids) - set(series.sop_instance_uids):
-            missing = len(set(uids) - set(series.sop_instance_uids))
-            raise ValueError(
-                f"The DICOM source holds series {series.series_uid}, which lacks {missing} of the {len(uids)} instances volume "
-                f"'{volumeNode.GetName()}' was loaded from: give the folder of the series the volume came from."
-            )
-        return series
 
     def _labelImage(self, labelNode) -> sitk.Image:
         return sitk.Cast(self._imageFromNode(labelNode), sitk.sitkUInt16)
