@@ -33,6 +33,18 @@ def load_volume(scene, path, name=None):
     return node
 
 
+def save_and_reload(scene, segmentation, path):
+    """Save a segmentation as .seg.nrrd with Slicer's own storage node and load it into a new node, as a reviewer's next session does."""
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(segmentation)
+    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(back)
+    return back
+
+
 def ras_to_ijk(volume, ras):
     m = vtk.vtkMatrix4x4()
     volume.GetRASToIJKMatrix(m)
@@ -123,13 +135,7 @@ def test_status_survives_seg_nrrd_save_and_reload(scene, detector, tmp_path):
     logic.setCandidateStatus(seg, ids[0], "accepted", reviewer="dr.who")
     logic.setCandidateStatus(seg, ids[1], "rejected")
     assert not seg.GetDisplayNode().GetSegmentVisibility(ids[1])
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(tmp_path / "reviewed.seg.nrrd"))
-    assert storage.WriteData(seg)
-    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(str(tmp_path / "reviewed.seg.nrrd"))
-    assert reader.ReadData(back)
+    back = save_and_reload(scene, seg, tmp_path / "reviewed.seg.nrrd")
     assert logic.candidateStatus(back, ids[0]) == "accepted"
     assert L.GetSegmentStatus(back.GetSegmentation().GetSegment(ids[0])) == L.Completed
     tag = vtk.mutable("")

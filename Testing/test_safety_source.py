@@ -155,7 +155,7 @@ def logic_setup(bundled_model):
     slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed (make test installs it)")
     sys.path.insert(0, str(REPO / "LungNoduleAI"))
     from LungNoduleAILogic import LungNoduleAILogic
-    from test_logic import load_volume
+    from test_logic import load_volume, save_and_reload
 
     scene = slicer.vtkMRMLScene()
     logic = LungNoduleAILogic(scene)
@@ -164,11 +164,11 @@ def logic_setup(bundled_model):
     seg = logic.detect(volume, device="cpu").segmentationNode
     for n, sid in enumerate(logic.candidateSegmentIds(seg)):
         logic.setCandidateStatus(seg, sid, "accepted" if n == 0 else "rejected")
-    return slicer, scene, logic, volume, seg, load_volume
+    return slicer, scene, logic, volume, seg, load_volume, save_and_reload
 
 
 def test_logic_refuses_another_volume_and_another_patients_series(logic_setup, tmp_path):
-    slicer, scene, logic, volume, seg, load_volume = logic_setup
+    slicer, scene, logic, volume, seg, load_volume, save_and_reload = logic_setup
     image = read_ct(SAMPLE_CT).image
     arr = sitk.GetArrayFromImage(image)
     arr[:, :, :5] = -1000  # another CT of the same grid
@@ -185,13 +185,7 @@ def test_logic_refuses_another_volume_and_another_patients_series(logic_setup, t
         logic.exportReviewed(seg, volume, str(tmp_path / "b"), formats=("dcm-seg",), dicomSource=str(tmp_path / "other_dcm"))
     assert not (tmp_path / "b").exists()
     # the recorded source survives a .seg.nrrd round trip (segment tags) and still refuses
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(tmp_path / "saved.seg.nrrd"))
-    assert storage.WriteData(seg)
-    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(str(tmp_path / "saved.seg.nrrd"))
-    assert reader.ReadData(back)
+    back = save_and_reload(scene, seg, tmp_path / "saved.seg.nrrd")
     assert logic.recordedSource(back)["voxel_sha256"] == read_ct(SAMPLE_CT).identity()["voxel_sha256"]
     with pytest.raises(ValueError, match="voxel checksum"):
         logic.exportReviewed(back, otherVolume, str(tmp_path / "c"))
@@ -199,7 +193,7 @@ def test_logic_refuses_another_volume_and_another_patients_series(logic_setup, t
 
 
 def test_logic_refuses_a_hand_drawn_segment_reaching_outside_the_volume(logic_setup, tmp_path):
-    slicer, scene, logic, volume, seg, _ = logic_setup
+    slicer, scene, logic, volume, seg, _, _ = logic_setup
     import vtk
     from vtk.util import numpy_support
 
@@ -221,7 +215,7 @@ def test_logic_refuses_a_hand_drawn_segment_reaching_outside_the_volume(logic_se
 
 
 def test_logic_does_not_import_results_of_other_voxels(logic_setup, tmp_path, bundled_model):
-    slicer, scene, logic, volume, seg, load_volume = logic_setup
+    slicer, scene, logic, volume, seg, load_volume, _ = logic_setup
     Detector(bundled_model).detect_to_files(SAMPLE_CT, tmp_path / "run")
     assert logic.importResults(volume, str(tmp_path / "run")).candidates
     image = read_ct(SAMPLE_CT).image

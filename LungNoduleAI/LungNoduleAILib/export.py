@@ -397,7 +397,9 @@ def write_reviewed(
         export_segments.append(
             ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**m.to_dict(), "probability": prob}, tuple(seg.color))
         )
-    with OutputSet(targets, overwrite, name=f"{next(iter(targets.values())).name.split('_reviewed')[0]}_reviewed", source=source_key(ct.identity()), what="export folder ") as out:
+    fmt, first = next(iter(targets.items()))
+    name = first.name[: -len(_SUFFIXES[fmt])] + "_reviewed"  # the set's name whatever formats were asked: one lock for one export
+    with OutputSet(targets, overwrite, name=name, source=source_key(ct.identity()), what="export folder ") as out:
         try:
             if "nii.gz" in targets:
                 sitk.WriteImage(labels, str(out.tmp("nii.gz")), useCompression=True)
