@@ -40,6 +40,7 @@ __all__ = [
     "check_same_source",
     "grid_mismatches",
     "segment_inside",
+    "header_identity",
 ]
 
 SOURCE_HEADER_KEY = "LungNoduleAI.Source"
