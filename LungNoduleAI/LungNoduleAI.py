@@ -27,7 +27,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from LungNoduleAILib.review import ACCEPTED, FLAGGED, PENDING, REJECTED, UNRESOLVED_STATUSES
 from LungNoduleAILogic import LungNoduleAILogic  # the module's logic: Qt-free, tested headless
+from LungNoduleAILogic.names import ATTR_OUTPUT, REF_PROBABILITY, REF_VOLUME
 
 # Packages the engine needs besides torch (import name -> pip requirement); torch comes from the PyTorch extension.
 PIP_REQUIREMENTS = {"monai": "monai>=1.4", "sklearn": "scikit-learn>=1.3", "matplotlib": "matplotlib>=3.7", "tqdm": "tqdm>=4.60"}
@@ -132,15 +134,15 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showProbabilityCheckBox.connect("toggled(bool)", lambda _checked: self.updateOverlay())
         self.ui.opacitySliderWidget.connect("valueChanged(double)", lambda _value: self.updateOverlay())
         self.ui.candidatesTable.connect("itemSelectionChanged()", self.onCandidateSelected)
-        self.ui.acceptButton.connect("clicked(bool)", lambda: self.setSelectedStatus("accepted"))
-        self.ui.rejectButton.connect("clicked(bool)", lambda: self.setSelectedStatus("rejected"))
-        self.ui.flagButton.connect("clicked(bool)", lambda: self.setSelectedStatus("flagged"))
+        self.ui.acceptButton.connect("clicked(bool)", lambda: self.setSelectedStatus(ACCEPTED))
+        self.ui.rejectButton.connect("clicked(bool)", lambda: self.setSelectedStatus(REJECTED))
+        self.ui.flagButton.connect("clicked(bool)", lambda: self.setSelectedStatus(FLAGGED))
         self.ui.nextButton.connect("clicked(bool)", self.selectNextPending)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self._shortcuts = []
-        for key, callback in (("A", lambda: self.setSelectedStatus("accepted")), ("R", lambda: self.setSelectedStatus("rejected")),
-                              ("F", lambda: self.setSelectedStatus("flagged")), ("N", self.selectNextPending)):
+        for key, callback in (("A", lambda: self.setSelectedStatus(ACCEPTED)), ("R", lambda: self.setSelectedStatus(REJECTED)),
+                              ("F", lambda: self.setSelectedStatus(FLAGGED)), ("N", self.selectNextPending)):
             shortcut = qt.QShortcut(qt.QKeySequence(key), self.ui.candidatesTable)
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
             shortcut.connect("activated()", callback)
@@ -179,7 +181,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onModelPathChanged()
         if not self._parameterNode.inputVolume:
             volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-            volumes = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode") and not v.GetAttribute("LungNoduleAI.Output")]
+            volumes = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode") and not v.GetAttribute(ATTR_OUTPUT)]
             if volumes:
                 self._parameterNode.inputVolume = volumes[-1]  # the last loaded volume
 
@@ -268,7 +270,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.ctFromVolume(volume)  # refuses what is not a CT, with the reason
             if not self.ensureDependencies():
                 return
-            from LungNoduleAILogic.process import EngineProcess, detectCommand
+            from LungNoduleAILogic.process import EngineProcess, detectCommand, engineEnvironment
 
             self._workDir = tempfile.mkdtemp(prefix="LungNoduleAI-")
             inputPath = os.path.join(self._workDir, "input.nrrd")
@@ -281,9 +283,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 modelPath=self.ui.modelPathLineEdit.currentPath or None,
                 useLungMask=self._parameterNode.useLungMask,
             )
-            env = slicer.util.startupEnvironment()
-            moduleDir = os.path.dirname(__file__)
-            env["PYTHONPATH"] = moduleDir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env = engineEnvironment(slicer.util.startupEnvironment())
             logging.info("LungNoduleAI: %s", " ".join(command))
             self._runVolume = volume
             self._process = EngineProcess(command, env)
@@ -301,8 +301,8 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if event.kind == "progress":
                 self.ui.progressBar.value = int(100 * event.data.get("fraction", 0))
                 self.ui.statusLabel.text = _("{stage}... {seconds:.0f} s").format(stage=event.data.get("stage", ""), seconds=self._process.elapsed())
-            elif event.kind == "log" and event.data["line"].startswith("model "):
-                self.ui.deviceUsedLabel.text = event.data["line"].rsplit(" on ", 1)[-1]
+            elif event.kind == "model":
+                self.ui.deviceUsedLabel.text = event.data.get("device", "")
             elif event.kind == "finished":
                 self._onProcessFinished(event.data)
 
@@ -347,7 +347,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showResult(self, result) -> None:
         for node in (result.probabilityNode, result.labelmapNode, result.segmentationNode, result.tableNode):
-            node.SetAttribute("LungNoduleAI.Output", "1")
+            node.SetAttribute(ATTR_OUTPUT, "1")
         self._parameterNode.segmentation = result.segmentationNode
         if result.labelmapNode.GetDisplayNode() is not None:
             result.labelmapNode.GetDisplayNode().SetVisibility(False)  # the segmentation shows the same voxels
@@ -363,8 +363,8 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg = self.currentSegmentation()
         if seg is None:
             return
-        probability = seg.GetNodeReference("LungNoduleAI.Probability")
-        volume = seg.GetNodeReference("LungNoduleAI.SourceVolume")
+        probability = seg.GetNodeReference(REF_PROBABILITY)
+        volume = seg.GetNodeReference(REF_VOLUME)
         show = self.ui.showProbabilityCheckBox.checked and probability is not None
         slicer.util.setSliceViewerLayers(
             background=volume if volume is not None else "keep-current",
@@ -384,13 +384,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = seg.GetSegmentation()
         for row, segmentId in enumerate(ids):
             segment = segmentation.GetSegment(segmentId)
-            values = {
-                "rank": self.logic._tag(segment, "LungNoduleAI.Rank") or "",
-                "probability": self.logic._tag(segment, "LungNoduleAI.Probability") or "",
-                "diameter_mm": self.logic._tag(segment, "LungNoduleAI.DiameterMm") or "",
-                "volume_mm3": self.logic._tag(segment, "LungNoduleAI.VolumeMm3") or "",
-                "status": _(self.logic.candidateStatus(seg, segmentId)),
-            }
+            values = {**self.logic.segmentMeasurements(segment), "status": _(self.logic.candidateStatus(seg, segmentId))}
             for col, (key, _title) in enumerate(TABLE_COLUMNS):
                 item = qt.QTableWidgetItem(str(values[key]))
                 item.setData(qt.Qt.UserRole, segmentId)
@@ -407,9 +401,9 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if seg is None or segmentId is None:
             return
         segment = seg.GetSegmentation().GetSegment(segmentId)
-        center = self.logic._tag(segment, "LungNoduleAI.CenterRAS")
+        center = self.logic.segmentCenterRas(segment)
         if center:
-            r, a, s = (float(v) for v in center.split())
+            r, a, s = center
         else:
             r, a, s = seg.GetSegmentCenterRAS(segmentId)
         slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
@@ -425,7 +419,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError(_("Select a candidate in the table first."))
             self.logic.setCandidateStatus(seg, segmentId, status)
             self.updateCandidatesTable()
-            if status != "flagged":
+            if status != FLAGGED:
                 self.selectNextPending()
 
     def selectNextPending(self) -> None:
@@ -437,7 +431,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         start = ids.index(current) + 1 if current in ids else 0
         for offset in range(len(ids)):
             sid = ids[(start + offset) % len(ids)]
-            if self.logic.candidateStatus(seg, sid) == "pending":
+            if self.logic.candidateStatus(seg, sid) == PENDING:
                 self.ui.candidatesTable.selectRow(ids.index(sid))
                 return
         self.ui.statusLabel.text = _("All candidates are reviewed.")
@@ -450,12 +444,12 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
             editor.setSegmentationNode(seg)
-            editor.setSourceVolumeNode(seg.GetNodeReference("LungNoduleAI.SourceVolume"))
+            editor.setSourceVolumeNode(seg.GetNodeReference(REF_VOLUME))
             editor.setCurrentSegmentID(segmentId)
 
     def onRethreshold(self) -> None:
         seg = self.currentSegmentation()
-        if seg is None or seg.GetNodeReference("LungNoduleAI.Probability") is None:
+        if seg is None or seg.GetNodeReference(REF_PROBABILITY) is None:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not apply the new threshold."), waitCursor=True):
             self.logic.rethreshold(seg, self._parameterNode.threshold)
@@ -466,14 +460,14 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seg = self.currentSegmentation()
             if seg is None:
                 raise ValueError(_("Select the nodule segmentation to export."))
-            volume = seg.GetNodeReference("LungNoduleAI.SourceVolume") or self._parameterNode.inputVolume
+            volume = seg.GetNodeReference(REF_VOLUME) or self._parameterNode.inputVolume
             formats = [fmt for fmt, box in (("seg.nrrd", self.ui.exportSegNrrdCheckBox), ("nii.gz", self.ui.exportNiftiCheckBox),
                                             ("csv", self.ui.exportCsvCheckBox), ("json", self.ui.exportJsonCheckBox),
                                             ("dcm-seg", self.ui.exportDicomSegCheckBox), ("dcm-sr", self.ui.exportDicomSrCheckBox)) if box.checked]
             if ("dcm-seg" in formats or "dcm-sr" in formats) and not self.ensurePackage("highdicom", "highdicom>=0.26"):
                 return
             ids = self.logic.candidateSegmentIds(seg)
-            pending = [sid for sid in ids if self.logic.candidateStatus(seg, sid) in ("pending", "flagged")]
+            pending = [sid for sid in ids if self.logic.candidateStatus(seg, sid) in UNRESOLVED_STATUSES]
             # DICOM files come from the DICOM database through the volume's DICOM.instanceUIDs (see the Logic)
             paths = self.logic.exportReviewed(seg, volume, self.ui.exportDirectoryButton.directory, formats, includePending=self.ui.includePendingCheckBox.checked,
                                               segmentationType="fractional" if self.ui.fractionalSegCheckBox.checked else "binary")
@@ -517,9 +511,9 @@ class LungNoduleAITest(ScriptedLoadableModuleTest):
         seg = result.segmentationNode
         ids = logic.candidateSegmentIds(seg)
         self.assertEqual(len(ids), len(result.candidates))
-        logic.setCandidateStatus(seg, ids[0], "accepted")
+        logic.setCandidateStatus(seg, ids[0], ACCEPTED)
         for sid in ids[1:]:
-            logic.setCandidateStatus(seg, sid, "rejected")
+            logic.setCandidateStatus(seg, sid, REJECTED)
         outDir = tempfile.mkdtemp(prefix="LungNoduleAITest-")
         try:
             paths = logic.exportReviewed(seg, volume, outDir)

@@ -11,7 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import LIDC0001_NODULE_DIAMETER_MM, LIDC0001_NODULE_LPS, REPO, SAMPLE_CT
-from LungNoduleAILib.cli import ERROR_PREFIX, PROGRESS_PREFIX, RESULT_PREFIX
+from LungNoduleAILib.protocol import EVENT_PREFIXES, parse
+
+PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX = (EVENT_PREFIXES[k] for k in ("progress", "result", "error"))
 
 
 def run_cli(*args, timeout=600):
@@ -79,6 +81,8 @@ def test_batch_with_a_bad_input_processes_the_others(tmp_path):
     assert len(results) == 1 and results[0]["json"].endswith("LIDC-IDRI-0001_sample_nodules.json")
     errors = [json.loads(line[len(ERROR_PREFIX):]) for line in lines if line.startswith(ERROR_PREFIX)]
     assert len(errors) == 3
+    models = [event[1] for line in lines if (event := parse(line)) and event[0] == "model"]  # the device actually used, for the Slicer panel
+    assert len(models) == 1 and models[0]["device"] == "cpu" and models[0]["model"] and models[0]["input"] == str(SAMPLE_CT)
 
 
 def test_existing_outputs_need_overwrite(sample_run):

@@ -186,6 +186,8 @@ def test_background_loading_detects_alike_and_reports_a_bad_model_once_the_ct_is
     err = capsys.readouterr().err
     assert "do not fit the architecture" in err and "phantom" not in err  # the model's error, said once, not each input's
     assert main(["detect", str(path), "--model", str(bad / "tiny.json"), "--output-dir", str(tmp_path / "cli_out"), "--progress-lines"]) == 2
-    errors = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("LUNGNODULEAI_ERROR ")]
+    from LungNoduleAILib.protocol import parse
+
+    errors = [event[1] for line in capsys.readouterr().out.splitlines() if (event := parse(line)) and event[0] == "error"]
     assert len(errors) == 1 and "do not fit the architecture" in errors[0]["error"]  # the reason a program running the engine shows
     assert not (tmp_path / "cli_out").exists() or list((tmp_path / "cli_out").iterdir()) == []

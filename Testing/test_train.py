@@ -9,7 +9,7 @@ import pytest
 
 from conftest import shared
 from LungNoduleAILib.model import ModelSpec, load_model
-from LungNoduleAILib.train import PatchSampler, cube_detection_stats, load_pack, prepare_training_data, save_pack, train
+from LungNoduleAILib.training import PatchSampler, cube_detection_stats, load_pack, prepare_training_data, save_pack, train
 
 TINY = {"channels": [4, 8, 16, 32, 64], "strides": [2, 2, 2, 2], "num_res_units": 0, "norm": "batch"}
 
@@ -24,7 +24,7 @@ def few_cubes():
 def synthetic_cubes():
     """Twelve CT-like 50-voxel cubes (noisy lung, a vessel, a soft-tissue nodule of 3-6 mm radius at the centre) from six series: runs without the shared data."""
     from LungNoduleAILib.intensity import scale_intensity_uint8
-    from LungNoduleAILib.train import TrainingData, nodule_context, validation_series
+    from LungNoduleAILib.training import TrainingData, nodule_context, validation_series
 
     rng = np.random.default_rng(0)
     zz, yy, xx = np.indices((50, 50, 50))
@@ -173,7 +173,7 @@ def test_faint_nodules_are_drawn_faint_weight_times_as_often(synthetic_cubes):
     import dataclasses
 
     from LungNoduleAILib.intensity import scale_intensity_uint8
-    from LungNoduleAILib.train import nodule_density
+    from LungNoduleAILib.training import nodule_density
 
     cubes = synthetic_cubes.cubes.copy()
     for n in range(0, 12, 3):  # every third nodule made ground-glass: -600 HU instead of +30 HU
@@ -198,7 +198,7 @@ def test_faint_nodules_are_drawn_faint_weight_times_as_often(synthetic_cubes):
 def test_size_balanced_weights_favour_small_nodules():
     import torch
 
-    from LungNoduleAILib.train import size_balanced_weights
+    from LungNoduleAILib.training.losses import size_balanced_weights
 
     y = torch.zeros(3, 1, 8, 8, 8)
     y[0, 0, :2, :2, :2] = 1  # 8 voxels: weight 50 / 8
@@ -214,25 +214,25 @@ def test_zoom_rescales_patch_and_label_together_about_the_centre():
     """--zoom: a 16 mm sphere at the patch centre grows by the factor (voxels by its cube), stays centred and labelled where it is bright; the patch keeps its size."""
     import torch
 
-    from LungNoduleAILib.train import _augment, _zoom
+    from LungNoduleAILib.training.augment import augment_batch, zoom_batch
 
     c = torch.arange(48.0) - 23.5
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
     y = ((zz**2 + yy**2 + xx**2) <= 8.0**2).float()[None, None]
     x = 0.1 + 0.7 * y
     for factor in (1.25, 0.8):
-        xz, yz = _zoom(x, y, factor)
+        xz, yz = zoom_batch(x, y, factor)
         assert xz.shape == x.shape and yz.shape == y.shape
         assert abs(float(yz.sum() / y.sum()) - factor**3) < 0.1 * factor**3, factor
         idx = torch.nonzero(yz[0, 0]).float().mean(dim=0)
         assert torch.allclose(idx, torch.full((3,), 23.5), atol=0.6), idx
         assert float(xz[yz > 0].min()) > 0.45 and float(xz[yz == 0].max()) < 0.45  # the label follows the bright sphere
-    assert _zoom(x, y, 1.001)[1] is y  # a factor that does not change the size: untouched
+    assert zoom_batch(x, y, 1.001)[1] is y  # a factor that does not change the size: untouched
     # zoom 0 draws nothing more from the generator: batches of earlier runs (same seed) are unchanged
-    a = _augment(x, y, torch.Generator().manual_seed(5))
-    b = _augment(x, y, torch.Generator().manual_seed(5), zoom=0.0)
+    a = augment_batch(x, y, torch.Generator().manual_seed(5))
+    b = augment_batch(x, y, torch.Generator().manual_seed(5), zoom=0.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    sizes = {int(_augment(x, y, torch.Generator().manual_seed(s), zoom=0.25)[1].sum()) for s in range(12)}
+    sizes = {int(augment_batch(x, y, torch.Generator().manual_seed(s), zoom=0.25)[1].sum()) for s in range(12)}
     assert min(sizes) < int(y.sum()) < max(sizes)  # some batches shrunk, some enlarged
 
 
@@ -240,7 +240,7 @@ def test_peak_loss_pushes_the_best_core_inside_each_labelled_patch():
     """--peak-weight: -log sigmoid of the best 3-voxel core inside the labels, per labelled patch; low when a core is confident, high when none is; patches without labels add nothing."""
     import torch
 
-    from LungNoduleAILib.train import peak_loss
+    from LungNoduleAILib.training.losses import peak_loss
 
     y = torch.zeros(3, 1, 16, 16, 16)
     y[0, 0, 6:10, 6:10, 6:10] = 1
@@ -265,7 +265,7 @@ def test_background_peak_loss_pushes_down_the_best_core_away_from_the_labels():
     import torch
     import torch.nn.functional as F
 
-    from LungNoduleAILib.train import background_peak_loss
+    from LungNoduleAILib.training.losses import background_peak_loss
 
     y = torch.zeros(2, 1, 16, 16, 16)
     y[0, 0, 6:10, 6:10, 6:10] = 1
@@ -290,7 +290,7 @@ def test_wall_negative_weights_lighten_the_wall_not_vessels_nor_nodules():
     """--wall-negative-weight: unlabelled voxels where lung meets a thick wall weigh less; a thin vessel's surroundings and nodule voxels do not."""
     import torch
 
-    from LungNoduleAILib.train import wall_negative_weights
+    from LungNoduleAILib.training.losses import wall_negative_weights
 
     lung, tissue = 0.1, 0.7  # scaled intensities (-860 HU, -20 HU); -500 HU is 0.357
     x = torch.full((1, 1, 32, 32, 32), lung)
@@ -346,7 +346,7 @@ def test_pack_round_trip(tmp_path, few_cubes):
 
 def test_small_pack_keeps_what_training_needs(tmp_path, synthetic_cubes):
     """Fewer bits, cropped cubes and a scan cropped to its lungs: smaller, and the same data within a quantisation step."""
-    from LungNoduleAILib.train import TrainingData
+    from LungNoduleAILib.training import TrainingData
 
     rng = np.random.default_rng(0)
     scan = rng.integers(0, 256, (80, 90, 100), dtype=np.uint8)
@@ -376,11 +376,11 @@ def test_components_match_simpleitk():
     """The training-time connected components (scipy) are SimpleITK's: same count, sizes and centroids."""
     import SimpleITK as sitk
 
-    from LungNoduleAILib.train import _components
+    from LungNoduleAILib.training.masks import components
 
     rng = np.random.default_rng(3)
     binary = rng.random((30, 32, 34)) > 0.7
-    ours = _components(binary, 3)
+    ours = components(binary, 3)
     cc = sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)))
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(cc)
@@ -439,7 +439,7 @@ def test_cube_detection_stats():
 def test_hard_negative_mining_and_sampling(few_cubes):
     import torch
 
-    from LungNoduleAILib.train import mine_hard_negatives
+    from LungNoduleAILib.training import mine_hard_negatives
 
     # a one-layer network that fires on dense tissue (> about -300 HU): vessels and chest wall are false responses
     net = torch.nn.Conv3d(1, 1, 1)
@@ -490,7 +490,7 @@ def test_training_from_a_pack_needs_no_simpleitk_and_feeds_from_workers(tmp_path
     code = (
         "import sys; sys.modules['SimpleITK'] = None\n"  # any import of SimpleITK now fails
         "from LungNoduleAILib.model import ModelSpec\n"
-        "from LungNoduleAILib.train import load_pack, train\n"
+        "from LungNoduleAILib.training import load_pack, train\n"
         f"r = train(load_pack({str(tmp_path / 'pack.npz')!r}), {str(tmp_path / 'w.json')!r}, ModelSpec(architecture={TINY!r}), steps=3, batch_size=2, patch=32,"
         f" val_every=3, device='cpu', workers=2, mine_hard=True, mine_threshold=0.0, mine_with={str(tmp_path / 'miner.json')!r})\n"
         "print('hard', r['data']['hard_negatives']['model'], r['workers'])\n"
@@ -505,7 +505,7 @@ def test_scan_false_responses_skip_reader_marks():
     """False responses in a scan's lungs are counted unless within 15 mm of something a reader marked."""
     import torch
 
-    from LungNoduleAILib.train import _scan_false_responses
+    from LungNoduleAILib.training.validation import _scan_false_responses
 
     vol = np.full((60, 60, 60), 20, np.uint8)  # lung
     lung = np.ones_like(vol)
@@ -527,7 +527,7 @@ def test_missed_nodules_are_mined_and_drawn_missed_weight_times_as_often(synthet
     import torch
 
     from LungNoduleAILib.intensity import scale_intensity_uint8
-    from LungNoduleAILib.train import mine_hard_negatives
+    from LungNoduleAILib.training import mine_hard_negatives
 
     cubes = synthetic_cubes.cubes.copy()
     for n in range(0, 12, 3):  # every third nodule ground-glass (-600 HU): a net that fires on dense tissue misses it
@@ -595,7 +595,7 @@ def test_train_and_pack_refuse_missing_or_wrong_inputs(tmp_path, capsys, synthet
 
 
 def test_nodule_context_tells_pleural_vascular_and_isolated_apart():
-    from LungNoduleAILib.train import nodule_context
+    from LungNoduleAILib.training import nodule_context
 
     zz, yy, xx = np.indices((40, 40, 40))
     lung = np.full((40, 40, 40), -850.0)

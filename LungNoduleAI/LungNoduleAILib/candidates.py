@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from .geometry import lps_to_ras
 
-__all__ = ["Candidate", "extract_candidates", "split_at_necks", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung", "relabel"]
+__all__ = ["Candidate", "extract_candidates",
+    "find_candidates", "split_at_necks", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung", "relabel"]
 
 
 @dataclass
@@ -53,6 +54,11 @@ class Candidate:
     mean_hu: float
     voxels: int
     score: float | None = None
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Candidate":
+        """A candidate from its JSON record (:meth:`to_dict`, a ``_nodules.json`` entry); other keys are ignored."""
+        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -347,3 +353,25 @@ def lung_mask_on_grid(lung_mask: sitk.Image, reference: sitk.Image, dilate_mm: f
     radius = [max(1, int(round(dilate_mm / s))) for s in lung_mask.GetSpacing()]
     mask = sitk.BinaryDilate(lung_mask, radius, sitk.sitkBall)
     return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def find_candidates(probability: sitk.Image, ct_hu: sitk.Image, threshold: float, spec=None) -> tuple[sitk.Image, list[Candidate]]:
+    """Probability map -> ranked candidates: components at ``threshold``, then the model's second stage when it has one.
+
+    The one post-processing that detection and re-thresholding share.
+
+    Args:
+        probability: float probabilities (0-1), on the grid of ``ct_hu``.
+        ct_hu: the CT in HU (measurements, second-stage features).
+        threshold: probability threshold.
+        spec: the model's :class:`.model.ModelSpec` (its candidate options and rescorer); ``None``: defaults, no second stage.
+
+    Returns:
+        ``(labelmap, candidates)``: uint16 labels on the grid (label = rank) and the ranked candidates.
+    """
+    labelmap, candidates = extract_candidates(probability, ct_hu, threshold, **(spec.candidate_options() if spec is not None else {}))
+    if spec is not None and spec.rescoring:
+        from .rescore import apply_rescorer
+
+        labelmap, candidates = apply_rescorer(spec.rescoring, candidates, labelmap, ct_hu, probability)
+    return labelmap, candidates

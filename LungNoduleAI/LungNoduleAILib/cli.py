@@ -8,7 +8,6 @@ others were still processed); 2 bad command line; 3 cancelled (Ctrl-C);
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import signal
@@ -16,15 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "PROGRESS_PREFIX", "RESULT_PREFIX", "ERROR_PREFIX"]
+from .protocol import EVENT_PREFIXES, emit
 
-PROGRESS_PREFIX = "LUNGNODULEAI_PROGRESS "
-"""``--progress-lines``: each progress line is this prefix + a JSON object
-``{"input": i, "inputs": n, "name": ..., "stage": ..., "done": d, "total": t, "fraction": f, "elapsed_s": s}``."""
-RESULT_PREFIX = "LUNGNODULEAI_RESULT "
-"""``--progress-lines``: one line per finished input: prefix + ``{"input": path, "json": path, "candidates": n}``."""
-ERROR_PREFIX = "LUNGNODULEAI_ERROR "
-"""``--progress-lines``: one line per failed input: prefix + ``{"input": path, "error": message}``."""
+__all__ = ["main", "build_parser", "EXIT_OUTPUT"]
 
 EXIT_OUTPUT = 4
 """Exit status when the output location cannot be written (the input may be fine)."""
@@ -60,7 +53,7 @@ class _Progress:
             if now - self.last_line >= 0.2 or done == total:
                 self.last_line = now
                 msg = {"input": self.index, "inputs": self.inputs, "name": self.name, "stage": stage, "done": done, "total": total, "fraction": round(frac, 4), "elapsed_s": round(now - self.start, 2)}
-                print(PROGRESS_PREFIX + json.dumps(msg), flush=True)
+                emit("progress", msg)
         elif self.bar is not None:
             self.bar.n = int(frac * 100)
             self.bar.set_postfix_str(stage)
@@ -175,7 +168,7 @@ def _add_common_detect(p) -> None:
     p.add_argument("--no-lung-mask", action="store_true", help="search the whole volume instead of the lungs' bounding box")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--png", action="store_true", help="also write <name>_overview.png")
-    p.add_argument("--progress-lines", action="store_true", help=f"print machine-readable progress lines ('{PROGRESS_PREFIX.strip()} {{json}}') instead of a progress bar")
+    p.add_argument("--progress-lines", action="store_true", help=f"print machine-readable progress lines ('{EVENT_PREFIXES['progress'].strip()} {{json}}') instead of a progress bar")
 
 
 def _add_demo(sub) -> None:
@@ -308,26 +301,27 @@ def _detect_inputs(detector, args, inputs, png, overwrite, lines) -> int:
             progress.end()
             print(f"error: {exc}", file=sys.stderr, flush=True)
             if lines:
-                print(ERROR_PREFIX + json.dumps({"input": str(path), "error": str(exc)}), flush=True)
+                emit("error", {"input": str(path), "error": str(exc)})
             return EXIT_OUTPUT
         except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
             progress.end()
             if detector.load_failed:  # the model, not this input: every input would fail alike
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 if lines:  # what the Slicer module shows as the reason
-                    print(ERROR_PREFIX + json.dumps({"input": str(path), "error": str(exc)}), flush=True)
+                    emit("error", {"input": str(path), "error": str(exc)})
                 return 2
             failed.append(path)
             print(f"error: {path}: {exc}", file=sys.stderr, flush=True)
             if lines:
-                print(ERROR_PREFIX + json.dumps({"input": str(path), "error": str(exc)}), flush=True)
+                emit("error", {"input": str(path), "error": str(exc)})
             continue
         progress.end()
         for note in result.notes:
             print(f"note: {path}: {note}", flush=True)
         _print_summary(result)
         if lines:
-            print(RESULT_PREFIX + json.dumps({"input": str(path), "json": str(result.outputs["json"]), "candidates": len(result.candidates)}), flush=True)
+            emit("model", {"input": str(path), "model": detector.spec.name, "version": detector.spec.version, "device": result.device})
+            emit("result", {"input": str(path), "json": str(result.outputs["json"]), "candidates": len(result.candidates)})
     if failed:
         print(f"{len(failed)} of {len(inputs)} inputs failed: {', '.join(map(str, failed))}", file=sys.stderr)
         return 1
@@ -415,12 +409,49 @@ def _evaluate_into(args, output) -> int:
     return 0
 
 
+_TRAIN_OPTION_DEST = {"mine_hard": "mine_hard_negatives", "size_balance_voxels": "size_balance", "wall_near_nodule_voxels": "wall_near_nodule"}
+"""TrainConfig fields whose command-line option has another name (the others: --field-name)."""
+
+
+def _train_config_names() -> dict[str, str]:
+    """The command-line option of each :class:`.training.TrainConfig` field, for messages."""
+    from dataclasses import fields
+
+    from .training import TrainConfig
+
+    return {f.name: "--" + _TRAIN_OPTION_DEST.get(f.name, f.name).replace("_", "-") for f in fields(TrainConfig)}
+
+
+def _train_config(args):
+    """The :class:`.training.TrainConfig` of the parsed ``train`` options (checked: raises ``TrainConfigError``)."""
+    from dataclasses import fields
+
+    from .training import TrainConfig
+
+    values = {}
+    for f in fields(TrainConfig):
+        dest = _TRAIN_OPTION_DEST.get(f.name, f.name)
+        if hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
+    try:
+        values["mix"] = [float(v) for v in args.mix.split(",")]
+    except ValueError:
+        values["mix"] = []
+    values["command"] = "lungnoduleai " + " ".join(shlex.quote(a) for a in args.argv)
+    return TrainConfig(**values)
+
+
 def _run_train(args) -> int:
     import torch
 
     from .model import ModelSpec
-    from .train import load_pack, prepare_training_data, train
+    from .training import TrainConfigError, load_pack, prepare_training_data, train
 
+    try:
+        config = _train_config(args)
+    except TrainConfigError as exc:
+        print(f"error: {exc.message(_train_config_names())}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ModelSpec()
@@ -428,69 +459,20 @@ def _run_train(args) -> int:
     if init_json and init_json.exists():
         init_spec = ModelSpec.from_json(init_json)  # a fine-tune validates at its model's threshold and keeps how it draws candidates
         spec.threshold, spec.segment_threshold, spec.split_depth_mm = init_spec.threshold, init_spec.segment_threshold, init_spec.split_depth_mm
-    try:
-        mix = [float(v) for v in args.mix.split(",")]
-    except ValueError:
-        mix = []
-    if not 0.0 <= args.ema < 1.0:
-        print(f"error: --ema is a decay per step in [0, 1), e.g. 0.998 (0 = off), got {args.ema}", file=sys.stderr)
-        return 2
-    for name, value in (("--small-weight", args.small_weight), ("--attached-weight", args.attached_weight), ("--faint-weight", args.faint_weight), ("--missed-weight", args.missed_weight)):
-        if not value > 0:
-            print(f"error: {name} is how many times as often such nodules are drawn and must be > 0 (1 = as often as others), got {value}", file=sys.stderr)
-            return 2
-    for name, value, what in (("--faint-fraction", args.faint_fraction, "pasted nodules"), ("--pleural-fraction", args.pleural_fraction, "pasted nodules"), ("--fade-fraction", args.fade_fraction, "nodule-cube crops")):
-        if not 0.0 <= value <= 1.0:
-            print(f"error: {name} is a fraction of the {what} and must be in [0, 1], got {value}", file=sys.stderr)
-            return 2
-    for name, value in (("--peak-weight", args.peak_weight), ("--background-peak-weight", args.background_peak_weight)):
-        if value < 0:
-            print(f"error: {name} must be >= 0 (0 = off), got {value}", file=sys.stderr)
-            return 2
-    if not 0.0 <= args.zoom <= 1.0:
-        print(f"error: --zoom must lie between 0 (off) and 1 (factors 0.5-2), e.g. 0.25 for factors 0.8-1.25, got {args.zoom}", file=sys.stderr)
-        return 2
-    if args.missed_weight != 1.0 and not args.mine_hard_negatives:
-        print(f"error: --missed-weight {args.missed_weight} needs --mine-hard-negatives: the mining run finds the missed training nodules", file=sys.stderr)
-        return 2
-    if not 0.0 <= args.wall_negative_weight <= 1.0:
-        print(f"error: --wall-negative-weight must lie between 0 and 1, got {args.wall_negative_weight}", file=sys.stderr)
-        return 2
-    if args.wall_near_nodule < 0:
-        print(f"error: --wall-near-nodule is a distance in voxels and must be >= 0 (0 = the whole wall), got {args.wall_near_nodule}", file=sys.stderr)
-        return 2
-    if len(mix) != 4 or min(mix) < 0 or sum(mix) <= 0:
-        print(f"error: --mix needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{args.mix}'", file=sys.stderr)
-        return 2
-    for name, model in (("--init", args.init), ("--mine-with", args.mine_with)):
-        if model and not Path(model).with_suffix(".pt").is_file():
-            print(f"error: {name} '{model}': no weights '{Path(model).with_suffix('.pt')}'. Give a model's .json (or .pt) with its weights beside it, e.g. LungNoduleAI/Resources/Models/lung_nodule_unet.json", file=sys.stderr)
-            return 2
     scans = [s for s in args.scans.split(",") if s]
     try:
         data = load_pack(args.pack) if args.pack else prepare_training_data(args.data_dir, spec, scans, seed=args.seed)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    command = "lungnoduleai " + " ".join(shlex.quote(a) for a in args.argv)
-    record = train(
-        data, args.output, spec, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
-        patch=args.patch, lr=args.lr, seed=args.seed, device=args.device, val_every=args.val_every, init=args.init, command=command,
-        mine_hard=args.mine_hard_negatives, mine_threshold=args.mine_threshold, attached_weight=args.attached_weight,
-        workers=args.workers, mine_with=args.mine_with, mix=mix, fp_weight=args.fp_weight, scan_fp_weight=args.scan_fp_weight,
-        faint_fraction=args.faint_fraction, small_weight=args.small_weight, ema=args.ema, size_balance_voxels=args.size_balance,
-        faint_weight=args.faint_weight, save_last=args.save_last, pleural_fraction=args.pleural_fraction,
-        missed_weight=args.missed_weight, wall_negative_weight=args.wall_negative_weight,
-        wall_near_nodule_voxels=args.wall_near_nodule, fade_fraction=args.fade_fraction, zoom=args.zoom, peak_weight=args.peak_weight,
-        background_peak_weight=args.background_peak_weight,
-    )
+    record = train(data, args.output, spec, config)
     print(f"best validation: {record.get('best_validation')}")
     return 0
 
 
 def _run_pack(args) -> int:
     from .model import ModelSpec
-    from .train import prepare_training_data, save_pack
+    from .training import prepare_training_data, save_pack
 
     if not 1 <= args.bits <= 8:
         print(f"error: --bits must be 1..8 (8 = lossless), got {args.bits}", file=sys.stderr)

@@ -25,7 +25,22 @@ from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, source_datas
 from .imageio import CTVolume, read_ct
 from .outputset import OutputSet, output_error, source_key
 from .provenance import SOURCE_HEADER_KEY, check_same_source, grid_mismatches, header_identity, identity_from_tags, identity_tags, image_grid, segment_inside
-from .writers import SEGMENT_COLORS, mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
+from .review import (
+    TAG_DETECTED,
+    TAG_EDITED,
+    TAG_MODEL,
+    TAG_PROBABILITY,
+    TAG_RANK,
+    TAG_REVIEW,
+    TAG_REVIEWER,
+    TAG_REVIEW_TIME,
+    TAG_TRACKING_UID,
+    algorithm_type,
+    review_status,
+    segment_color,
+    select_for_export,
+)
+from .writers import mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -38,6 +53,10 @@ __all__ = [
     "export_paths",
     "check_formats",
     "export_reviewed",
+    "export_segments",
+    "choose_for_export",
+    "ReviewFront",
+    "FileFront",
     "write_reviewed",
     "ReviewedSegment",
     "OptionError",
@@ -59,35 +78,8 @@ _SUFFIXES = {
     "dcm-sr": "_reviewed_sr.dcm",
 }
 
-TAG_STATUS = "Segmentation.Status"
-TAG_REVIEW = "LungNoduleAI.ReviewStatus"
-TAG_REVIEWER = "LungNoduleAI.Reviewer"
-TAG_REVIEW_TIME = "LungNoduleAI.ReviewTime"
-TAG_DETECTED = "LungNoduleAI.DetectedMaskSha1"
-TAG_EDITED = "LungNoduleAI.Edited"
-TAG_MODEL = "LungNoduleAI.Model"
-TAG_TRACKING_UID = "LungNoduleAI.TrackingUID"
-TAG_PROBABILITY = "LungNoduleAI.Probability"
-TAG_RANK = "LungNoduleAI.Rank"
-
-
 class OptionError(ValueError):
     """A bad export option (unknown format, DICOM formats without DICOM): the command line's fault, exit status 2."""
-
-
-def review_status(tags: dict) -> str:
-    """``pending``/``accepted``/``rejected``/``flagged`` from our tag, else from Slicer's segment status."""
-    status = tags.get(TAG_REVIEW)
-    if status in ("pending", "accepted", "rejected", "flagged"):
-        return status
-    return {"completed": "accepted", "flagged": "flagged"}.get(tags.get(TAG_STATUS, ""), "pending")
-
-
-def algorithm_type(tags: dict, edited: bool) -> str:
-    """DICOM segment algorithm type: MANUAL (not from the detector), SEMIAUTOMATIC (edited) or AUTOMATIC."""
-    if TAG_DETECTED not in tags and TAG_RANK not in tags:
-        return "MANUAL"
-    return "SEMIAUTOMATIC" if edited else "AUTOMATIC"
 
 
 @dataclass
@@ -187,7 +179,7 @@ def read_segmentation(path: str | os.PathLike) -> SegmentationFile:
         try:
             color = tuple(float(v) for v in get("Color", "1 0 0").split()[:3])
         except ValueError:
-            color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
+            color = segment_color(i)
         name = get("Name", f"Segment {i + 1}")
         numbers = {}
         for key, default in (("Layer", "0"), ("LabelValue", "1")):
@@ -407,7 +399,7 @@ def write_reviewed(
                 meta = [{"id": s.id, "name": s.name, "color": tuple(s.color), "label": n, "tags": s.tags} for n, s in enumerate(segments, start=1)]
                 write_segmentation_labelmap(labels, meta, out.tmp("seg.nrrd"), source=ct.identity())
             if "csv" in targets:
-                write_candidates_csv([Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__ if k in r}) for r in records], out.tmp("csv"))
+                write_candidates_csv([Candidate.from_dict(r) for r in records], out.tmp("csv"))
             if "json" in targets:
                 exported = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 write_json({**header, "model": {"name": model[0], "version": model[1]}, "exported": exported, "left_out": left_out, "nodules": records}, out.tmp("json"))
@@ -417,6 +409,139 @@ def write_reviewed(
             raise output_error(out.folder, exc, "export folder ") from exc
         out.commit()
     return targets
+
+
+class ReviewFront:
+    """Where an export's segments come from: a ``.seg.nrrd`` file (:class:`FileFront`) or Slicer's MRML nodes (the Logic's).
+
+    A front lists the segments (``id``, ``name``, ``color``, ``tags``), makes
+    the label image of the chosen ones on the CT's grid (running its own
+    checks that they belong to that CT), and says whether a segment was
+    edited. :func:`export_segments` does the rest the same way for both.
+
+    Attributes:
+        segments: dicts with ``id``, ``name``, ``color`` and ``tags``, in review order.
+        noun: what the user calls a segment here ("segment", "candidate").
+        where: the segmentation, for messages.
+        ct_label: the CT, for messages.
+        pending_hint: what to do about unresolved segments.
+        overwrite_hint: what to do about existing files.
+    """
+
+    segments: list[dict]
+    noun = "segment"
+    where = "the segmentation"
+    ct_label = "the CT given"
+    pending_hint = "Review them in Slicer, or export with --include-pending."
+    overwrite_hint = "Use --overwrite, or another --output-dir."
+
+    def labels(self, chosen: Sequence[int]) -> sitk.Image:
+        """Label image on the CT's grid: value n = the n-th chosen segment (indices into :attr:`segments`)."""
+        raise NotImplementedError
+
+    def edited(self, index: int) -> bool:
+        """Whether segment ``index``'s voxels differ from what the detector made."""
+        raise NotImplementedError
+
+
+def choose_for_export(front: ReviewFront, include_pending: bool) -> tuple[list[str], list[int]]:
+    """The review statuses of a front's segments and the indices of those to export (:func:`.review.select_for_export`).
+
+    Raises:
+        ValueError: segments still pending or flagged (without ``include_pending``), or none to export.
+    """
+    statuses = [review_status(s["tags"]) for s in front.segments]
+    chosen, unresolved = select_for_export(statuses, include_pending)
+    if unresolved:
+        names = ", ".join(front.segments[i]["name"] for i in unresolved)
+        raise ValueError(f"{len(unresolved)} {front.noun}(s) not yet accepted or rejected: {names}. {front.pending_hint}")
+    if not chosen:
+        raise ValueError(
+            f"No accepted {front.noun}s in {front.where} ({len(statuses)} {front.noun}(s): {', '.join(sorted(set(statuses))) or 'none'}). "
+            "Accept at least one nodule first."
+        )
+    return statuses, chosen
+
+
+def export_segments(
+    front: ReviewFront,
+    ct: CTVolume,
+    targets: dict[str, Path],
+    header: dict,
+    model: tuple[str, str] | None = None,
+    include_pending: bool = False,
+    overwrite: bool = False,
+    probability: sitk.Image | None = None,
+) -> list[ReviewedSegment]:
+    """Export a front's reviewed segments: the one place that applies the review rule, measures and writes.
+
+    Accepted segments are exported, rejected ones never; pending and flagged
+    ones are refused unless ``include_pending`` (:func:`.review.select_for_export`).
+    Measurements are recomputed on ``ct`` from the voxels as the reviewer left them.
+
+    Args:
+        front: the segments and their labels.
+        ct: the CT (HU image, identity; ``dicom`` for the DICOM formats).
+        targets: output paths by format (:func:`export_paths`).
+        header: fields put first in the JSON.
+        model: detector ``(name, version)``; default: from the first exported segment's tags.
+        include_pending: also export pending and flagged segments.
+        overwrite: replace existing targets.
+        probability: the detection's probability map, for a fractional DICOM SEG.
+
+    Returns:
+        The exported segments in label order, their tags updated (tracking UID, edited, source).
+
+    Raises:
+        ValueError: unresolved segments, none accepted, empty segments, existing
+            files, the front's own refusals, an unwritable folder.
+    """
+    statuses, chosen = choose_for_export(front, include_pending)
+    labels = front.labels(chosen)
+    present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+    empty = [front.segments[i]["name"] for n, i in enumerate(chosen, start=1) if n not in present]
+    if empty:
+        raise ValueError(
+            f"{front.noun.capitalize()}(s) {', '.join(empty)} have no voxel inside {front.ct_label}: empty (edited into emptiness), or drawn on another CT. "
+            f"Reject or redraw them, and check that {front.ct_label} is the CT the nodules were marked on."
+        )
+    measured = measure_candidates(labels, ct.image)
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"Export files already exist: {', '.join(existing)}. {front.overwrite_hint}")
+    reviewed = [ReviewedSegment(s["id"], s["name"], tuple(s["color"]), s["tags"], statuses[i], front.edited(i)) for i in chosen for s in [front.segments[i]]]
+    left_out = {front.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen}
+    write_reviewed(targets, labels, measured, reviewed, header, left_out, ct, model or _model_of(reviewed[0].tags), probability, overwrite)
+    return reviewed
+
+
+class FileFront(ReviewFront):
+    """The segments of a ``.seg.nrrd`` file, resampled onto the CT's grid."""
+
+    def __init__(self, seg_file: SegmentationFile, seg_path: Path, ct: CTVolume, ct_label: str):
+        self.seg_file, self.seg_path, self.ct, self.ct_label = seg_file, seg_path, ct, ct_label
+        self.segments = seg_file.segments
+        self.where = f"'{seg_path}'"
+
+    def labels(self, chosen: Sequence[int]) -> sitk.Image:
+        seg_file, ct = self.seg_file, self.ct.image
+        outside = [seg_file.segments[i]["name"] for i in chosen if (box := seg_file.bbox(i)) is not None and not segment_inside(seg_file.index_to_lps(), box, ct)]
+        if outside:
+            raise ValueError(
+                f"Segment(s) {', '.join(outside)} reach outside the CT given: their voxels would be cut and their measurements wrong. "
+                "Nothing was exported. Check that the segmentation was not moved or resampled, and that --dicom/--ct is the CT it was drawn on."
+            )
+        resampled = [sitk.Resample(layer, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16) for layer in seg_file.layers]
+        arr = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint16)
+        for n, i in enumerate(chosen, start=1):
+            seg = seg_file.segments[i]
+            arr[sitk.GetArrayViewFromImage(resampled[seg["layer"]]) == seg["label"]] = n
+        labels = sitk.GetImageFromArray(arr)
+        labels.CopyInformation(ct)
+        return labels
+
+    def edited(self, index: int) -> bool:
+        return _segment_edited(self.seg_file, index)
 
 
 def export_reviewed(
@@ -429,7 +554,7 @@ def export_reviewed(
     overwrite: bool = False,
     probability_path: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
-    """Turn a reviewed ``.seg.nrrd`` plus its CT into export files.
+    """Turn a reviewed ``.seg.nrrd`` plus its CT into export files (:func:`export_segments` with a :class:`FileFront`).
 
     Args:
         seg_path: the segmentation (detector output reviewed in Slicer, or a
@@ -463,52 +588,12 @@ def export_reviewed(
             "Give the source DICOM folder with --dicom, or leave dcm-seg and dcm-sr out of --formats."
         )
     seg_file = read_segmentation(seg_path)
-    ct = read_ct(dicom if dicom is not None else ct_path)
-    check_segmentation_source(seg_file, seg_path, ct, f"the DICOM series in '{dicom}'" if dicom is not None else f"'{ct_path}'")
-    statuses = [review_status(s["tags"]) for s in seg_file.segments]
-    unresolved = [s["name"] for s, st in zip(seg_file.segments, statuses) if st in ("pending", "flagged")]
-    if unresolved and not include_pending:
-        raise ValueError(
-            f"{len(unresolved)} segment(s) not yet accepted or rejected: {', '.join(unresolved)}. Review them in Slicer, or export with --include-pending."
-        )
-    chosen = [i for i, st in enumerate(statuses) if st == "accepted" or (include_pending and st in ("pending", "flagged"))]
-    if not chosen:
-        raise ValueError(f"No accepted segments in '{seg_path}' ({len(statuses)} segment(s): {', '.join(sorted(set(statuses))) or 'none'}). Accept at least one nodule first.")
-
-    outside = [seg_file.segments[i]["name"] for i in chosen if (box := seg_file.bbox(i)) is not None and not segment_inside(seg_file.index_to_lps(), box, ct.image)]
-    if outside:
-        raise ValueError(
-            f"Segment(s) {', '.join(outside)} reach outside the CT given: their voxels would be cut and their measurements wrong. "
-            "Nothing was exported. Check that the segmentation was not moved or resampled, and that --dicom/--ct is the CT it was drawn on."
-        )
-    # one label image on the CT grid: value n = n-th exported segment
-    ct_hu = ct.image  # read_ct gives int16 HU already
-    resampled = [sitk.Resample(layer, ct_hu, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16) for layer in seg_file.layers]
-    arr = np.zeros(sitk.GetArrayViewFromImage(ct_hu).shape, np.uint16)
-    for n, i in enumerate(chosen, start=1):
-        seg = seg_file.segments[i]
-        arr[sitk.GetArrayViewFromImage(resampled[seg["layer"]]) == seg["label"]] = n
-    labels = sitk.GetImageFromArray(arr)
-    labels.CopyInformation(ct_hu)
-    present = set(np.unique(arr).tolist())
-    empty = [seg_file.segments[i]["name"] for n, i in enumerate(chosen, start=1) if n not in present]
-    if empty:
-        raise ValueError(
-            f"Segment(s) {', '.join(empty)} have no voxel inside the CT given: empty, or the segmentation belongs to another series. "
-            "Check that --dicom/--ct is the CT the nodules were marked on, and reject or redraw empty segments."
-        )
-    measured = measure_candidates(labels, ct_hu)
-    name = _base_name(seg_path)
-    targets = export_paths(output_dir, name, formats)
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise ValueError(f"Export files already exist: {', '.join(existing)}. Use --overwrite, or another --output-dir.")
-    reviewed = [
-        ReviewedSegment(seg_file.segments[i]["id"], seg_file.segments[i]["name"], seg_file.segments[i]["color"], seg_file.segments[i]["tags"], statuses[i], _segment_edited(seg_file, i))
-        for i in chosen
-    ]
+    ct = read_ct(dicom if dicom is not None else ct_path)  # int16 HU already
+    ct_label = f"the DICOM series in '{dicom}'" if dicom is not None else f"'{ct_path}'"
+    check_segmentation_source(seg_file, seg_path, ct, ct_label)
+    front = FileFront(seg_file, seg_path, ct, "the CT given")
+    targets = export_paths(output_dir, _base_name(seg_path), formats)
     header = {"segmentation": str(seg_path), "source": {"path": ct.path, **ct.identity()}}
-    left_out = {seg_file.segments[i]["id"]: statuses[i] for i in range(len(statuses)) if i not in chosen}
     probability = _read_probability_for(probability_path, ct) if probability_path else None
-    write_reviewed(targets, labels, measured, reviewed, header, left_out, ct, _model_of(reviewed[0].tags), probability, overwrite)
+    export_segments(front, ct, targets, header, None, include_pending, overwrite, probability)
     return targets

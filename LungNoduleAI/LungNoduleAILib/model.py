@@ -221,6 +221,21 @@ def save_model(network, spec: ModelSpec, json_path: str | os.PathLike) -> Path:
     return jp
 
 
+def compact_training_record(record: dict | None) -> dict | None:
+    """A training record small enough to carry inside another model's: without its validation history,
+    and naming the models it was built from by file, version and weights' SHA-256 only (their own records
+    are in their JSON files and in the model history, ``MODEL_HISTORY.md``)."""
+    if not record:
+        return record
+    out = {k: v for k, v in record.items() if k not in ("history", "ingredients", "init_training")}
+    if record.get("ingredients"):
+        out["ingredients"] = [{k: i.get(k) for k in ("model", "version", "sha256")} for i in record["ingredients"]]
+    if record.get("init_training"):
+        init = record["init_training"]
+        out["init_training"] = {k: init[k] for k in ("name", "version", "file", "weights_sha256", "command") if k in init}
+    return out
+
+
 def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, version: str | None = None, command: str | None = None) -> Path:
     """Write the uniform average of several models' weights (a "model soup").
 
@@ -269,7 +284,7 @@ def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, ve
         "method": "uniform average of the weights (and batch-norm statistics) of the models below",
         "command": command,
         "ingredients": [
-            {"model": str(Path(p)), "version": s.version, "sha256": sha, "training": s.training} for p, s, sha in zip(paths, specs, shas)
+            {"model": str(Path(p)), "version": s.version, "sha256": sha, "training": compact_training_record(s.training)} for p, s, sha in zip(paths, specs, shas)
         ],
     }
     return save_model(net, replace(specs[0], version=version or specs[0].version, training=record), output)

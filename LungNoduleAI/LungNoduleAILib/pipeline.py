@@ -21,11 +21,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .candidates import Candidate, extract_candidates, lung_mask_on_grid
+from .candidates import Candidate, find_candidates, lung_mask_on_grid
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model, read_model_spec
-from .rescore import apply_rescorer
 from .preprocess import lung_crop, orient_lps, resample_to_spacing, scale_intensity
 from .outputset import choose_output_name, output_error, source_key
 from .writers import (
@@ -151,6 +150,34 @@ def _candidate_box(probability: sitk.Image, lung: sitk.Image | None, threshold: 
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
+@dataclass
+class _Run:
+    """One detection's input, settings, callbacks, timings and notes, carried from stage to stage."""
+
+    ct: CTVolume
+    threshold: float
+    progress: Callable[[int, int, str], None] | None
+    should_cancel: Callable[[], bool] | None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> None:
+        """Enter stage ``name``: stop if cancelled, else report it."""
+        if self.should_cancel is not None and self.should_cancel():
+            raise DetectionCancelled("Detection cancelled by the user.")
+        if self.progress is not None:
+            self.progress(0, 1, name)
+
+
+@dataclass
+class _Crop:
+    """Where the network looks: ``slices`` ``(z, y, x)`` of the resampled grid; the lung mask when lungs were found."""
+
+    slices: tuple[slice, ...]
+    found: bool
+    mask: sitk.Image | None
+
+
 class Detector:
     """Load a model once, detect nodules in many volumes.
 
@@ -245,73 +272,80 @@ class Detector:
         """
         if isinstance(ct, sitk.Image):
             ct = CTVolume(image=ct, path="<memory>", name="volume")
-        spec = self.spec
-        threshold = spec.threshold if threshold is None else float(threshold)
+        threshold = self.spec.threshold if threshold is None else float(threshold)
         if not 0.0 < threshold < 1.0:
-            raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as {spec.threshold}.")
-        timings: dict[str, float] = {}
-        notes = list(ct.notes)
+            raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as {self.spec.threshold}.")
+        run = _Run(ct, threshold, progress, should_cancel, notes=list(ct.notes))
+        resampled = self._preprocess(run)
+        crop = self._lung_crop(run, resampled, use_lung_mask)
+        prob_ct, labelmap, cands = self._candidates(run, self._infer(run, resampled, crop), crop)
+        if progress is not None:
+            progress(1, 1, "candidates")
+        return DetectionResult(ct, prob_ct, labelmap, cands, threshold, self.model.device, run.timings, crop.found, run.notes)
 
-        def stage(name: str) -> None:
-            if should_cancel is not None and should_cancel():
-                raise DetectionCancelled("Detection cancelled by the user.")
-            if progress is not None:
-                progress(0, 1, name)
-
-        stage("preprocess")
+    def _preprocess(self, run: _Run) -> sitk.Image:
+        """Stage "preprocess": the CT in LPS at the model's voxel spacing."""
+        run.stage("preprocess")
         t = time.perf_counter()
-        oriented = orient_lps(ct.image)
-        resampled = resample_to_spacing(oriented, spec.spacing_mm, sitk.sitkLinear, -1000.0)
+        oriented = orient_lps(run.ct.image)
+        resampled = resample_to_spacing(oriented, self.spec.spacing_mm, sitk.sitkLinear, -1000.0)
         del oriented
-        timings["preprocess"] = time.perf_counter() - t
+        run.timings["preprocess"] = time.perf_counter() - t
+        return resampled
 
-        stage("lung mask")
+    def _lung_crop(self, run: _Run, resampled: sitk.Image, use_lung_mask: bool) -> _Crop:
+        """Stage "lung mask": the lungs' box on the resampled grid (the whole grid without ``use_lung_mask`` or lungs)."""
+        run.stage("lung mask")
         t = time.perf_counter()
-        size_zyx = tuple(reversed(resampled.GetSize()))
-        crop = None
         if use_lung_mask:
-            crop = lung_crop(resampled, spec.lung_margin_mm)
+            crop = lung_crop(resampled, self.spec.lung_margin_mm)
             if not crop.found:
-                notes.append("No plausible lung found: the whole volume was searched.")
-            sl = crop.slices()
-            lung_found = crop.found
+                run.notes.append("No plausible lung found: the whole volume was searched.")
+            result = _Crop(crop.slices(), crop.found, crop.mask if crop.found else None)
         else:
-            sl = tuple(slice(0, s) for s in size_zyx)
-            lung_found = False
-        timings["lung_mask"] = time.perf_counter() - t
+            result = _Crop(tuple(slice(0, s) for s in reversed(resampled.GetSize())), False, None)
+        run.timings["lung_mask"] = time.perf_counter() - t
+        return result
 
-        stage("inference")
+    def _infer(self, run: _Run, resampled: sitk.Image, crop: _Crop) -> sitk.Image:
+        """Stage "inference": the network's probabilities in the crop, as an image on the resampled grid's geometry."""
+        run.stage("inference")
         if self._loading is not None:  # a background load not finished yet: its wait is not inference
             t = time.perf_counter()
             self.model
-            timings["model_load_wait"] = time.perf_counter() - t
+            run.timings["model_load_wait"] = time.perf_counter() - t
         t = time.perf_counter()
         arr = sitk.GetArrayViewFromImage(resampled)
-        volume = scale_intensity(np.asarray(arr[sl]), spec.hu_window)
-        prob_crop = self.predictor(volume, progress, should_cancel)
-        timings["inference"] = time.perf_counter() - t
+        volume = scale_intensity(np.asarray(arr[crop.slices]), self.spec.hu_window)
+        prob_crop = self.predictor(volume, run.progress, run.should_cancel)
+        run.timings["inference"] = time.perf_counter() - t
+        z0, y0, x0 = (r.start for r in crop.slices)
+        image = sitk.GetImageFromArray(prob_crop)
+        image.SetSpacing(resampled.GetSpacing())
+        image.SetDirection(resampled.GetDirection())
+        image.SetOrigin(resampled.TransformIndexToPhysicalPoint((x0, y0, z0)))
+        return image
 
-        stage("candidates")
+    def _candidates(self, run: _Run, prob_crop_img: sitk.Image, crop: _Crop) -> tuple[sitk.Image, sitk.Image, list[Candidate]]:
+        """Stage "candidates": probability (uint8) and labelmap on the CT grid, and the ranked candidates (:func:`.candidates.find_candidates`).
+
+        Works on the part of the CT grid that the (cropped) probability covers; zero elsewhere.
+        """
+        run.stage("candidates")
         t = time.perf_counter()
-        # Work on the part of the CT grid that the (cropped) probability covers; zero elsewhere.
-        z0, y0, x0 = (r.start for r in sl)
-        prob_crop_img = sitk.GetImageFromArray(prob_crop)
-        prob_crop_img.SetSpacing(resampled.GetSpacing())
-        prob_crop_img.SetDirection(resampled.GetDirection())
-        prob_crop_img.SetOrigin(resampled.TransformIndexToPhysicalPoint((x0, y0, z0)))
-        del prob_crop
+        spec, ct = self.spec, run.ct
         lo, hi = _covering_index_box(prob_crop_img, ct.image)
         sub_size = [b - a for a, b in zip(lo, hi)]  # the CT's sub-grid [lo, hi), resampled onto without copying the CT's voxels
         prob_sub = sitk.Resample(
             prob_crop_img, sub_size, sitk.Transform(), sitk.sitkLinear,
             ct.image.TransformIndexToPhysicalPoint(lo), ct.image.GetSpacing(), ct.image.GetDirection(), 0.0, sitk.sitkFloat32,
-        )
+        )  # fmt: skip
         del prob_crop_img
-        lung_sub = lung_mask_on_grid(crop.mask, prob_sub) if crop is not None and crop.found and spec.restrict_to_lung else None  # p counts only inside
+        lung_sub = lung_mask_on_grid(crop.mask, prob_sub) if crop.mask is not None and spec.restrict_to_lung else None  # p counts only inside
         if spec.rescoring:  # the second stage looks around its candidates: the whole sub-grid
             box = tuple(slice(0, n) for n in sub_size)
         else:  # the box of the voxels that can be part of a candidate: the same candidates, a fraction of the memory
-            box = _candidate_box(prob_sub, lung_sub, threshold, spec)
+            box = _candidate_box(prob_sub, lung_sub, run.threshold, spec)
         prob_u8 = quantize_probability(prob_sub)
         p_box = prob_sub[box]
         if lung_sub is not None:
@@ -319,9 +353,7 @@ class Detector:
         del prob_sub, lung_sub  # before the connected components: the float map of the whole lung is not needed any more
         start = [a + b.start for a, b in zip(lo, box)]
         ct_box = ct.image[tuple(slice(a, a + b.stop - b.start) for a, b in zip(start, box))]
-        labelmap_box, cands = extract_candidates(p_box, ct_box, threshold, **spec.candidate_options())
-        if spec.rescoring:
-            labelmap_box, cands = apply_rescorer(spec.rescoring, cands, labelmap_box, ct_box, p_box)
+        labelmap_box, cands = find_candidates(p_box, ct_box, run.threshold, spec)
         del p_box, ct_box
         for c in cands:
             c.bbox_ijk = [v + start[i % 3] for i, v in enumerate(c.bbox_ijk)]
@@ -329,10 +361,8 @@ class Detector:
         prob_ct = _paste_into(prob_u8, ct.image, lo, sitk.sitkUInt8)
         del prob_u8
         labelmap = _paste_into(labelmap_box, ct.image, start, sitk.sitkUInt16)
-        timings["candidates"] = time.perf_counter() - t
-        if progress is not None:
-            progress(1, 1, "candidates")
-        return DetectionResult(ct, prob_ct, labelmap, cands, threshold, self.model.device, timings, lung_found, notes)
+        run.timings["candidates"] = time.perf_counter() - t
+        return prob_ct, labelmap, cands
 
     def detect_to_files(
         self,

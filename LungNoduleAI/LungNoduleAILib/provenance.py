@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .review import TAG_SOURCE_GRID, TAG_SOURCE_SERIES, TAG_SOURCE_SHA256
+
 __all__ = [
     "SOURCE_HEADER_KEY",
     "TAG_SOURCE_SERIES",
@@ -44,9 +46,6 @@ __all__ = [
 ]
 
 SOURCE_HEADER_KEY = "LungNoduleAI.Source"
-TAG_SOURCE_SERIES = "LungNoduleAI.SourceSeriesUID"
-TAG_SOURCE_SHA256 = "LungNoduleAI.SourceVoxelSha256"
-TAG_SOURCE_GRID = "LungNoduleAI.SourceGrid"
 UID_FIELDS = (("patient_id", "PatientID"), ("study_uid", "StudyInstanceUID"), ("series_uid", "SeriesInstanceUID"), ("frame_of_reference_uid", "FrameOfReferenceUID"))
 """Identity keys of a DICOM source and their DICOM names, in the order a mismatch is reported."""
 _GRID_KEYS = ("size_ijk", "spacing_mm", "origin_lps_mm", "direction")

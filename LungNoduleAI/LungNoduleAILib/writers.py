@@ -20,7 +20,9 @@ import SimpleITK as sitk
 
 from .candidates import Candidate
 from .outputset import OutputError, OutputSet
+from .protocol import OUTPUT_SUFFIXES
 from .provenance import SOURCE_HEADER_KEY, identity_tags
+from .review import NODULE_TERMINOLOGY, SEGMENT_COLORS, TAG_DETECTED, segment_color, segment_id, segment_name, segment_tags
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -40,34 +42,8 @@ __all__ = [
     "SEGMENT_COLORS",
 ]
 
-OUTPUT_SUFFIXES = {
-    "probability": "_probability.nrrd",
-    "labelmap": "_candidates.nrrd",
-    "segmentation": ".seg.nrrd",
-    "csv": "_nodules.csv",
-    "json": "_nodules.json",
-    "png": "_overview.png",
-}
-
 PROBABILITY_SCALE = 1.0 / 255.0
 """Probability = stored uint8 value x PROBABILITY_SCALE."""
-
-NODULE_TERMINOLOGY = (
-    "Segmentation category and type - DICOM master list"
-    "~SCT^49755003^Morphologically Altered Structure"
-    "~SCT^27925004^Nodule"
-    "~^^"
-    "~Anatomic codes - DICOM master list"
-    "~SCT^39607008^Lung"
-    "~^^"
-)
-"""Slicer terminology entry: category Morphologically altered structure, type Nodule (SNOMED 27925004), region Lung."""
-
-SEGMENT_COLORS = [
-    (0.90, 0.10, 0.10), (0.10, 0.60, 0.95), (0.95, 0.75, 0.10), (0.20, 0.80, 0.30), (0.75, 0.30, 0.90),
-    (0.95, 0.45, 0.10), (0.10, 0.85, 0.85), (0.95, 0.35, 0.65), (0.55, 0.80, 0.10), (0.50, 0.50, 1.00),
-]
-
 
 def output_paths(output_dir: str | os.PathLike, name: str, png: bool = False) -> dict[str, Path]:
     """Final paths of one input's outputs, keyed like :data:`OUTPUT_SUFFIXES`."""
@@ -107,28 +83,10 @@ def read_probability(path: str | os.PathLike) -> sitk.Image:
     return sitk.Cast(img, sitk.sitkFloat32) * scale
 
 
+
 def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike) -> None:
     """Candidates labelmap (label i = candidate of rank i) as compressed NRRD/NIfTI."""
     sitk.WriteImage(labelmap, str(path), useCompression=True)
-
-
-def segment_tags(candidate: Candidate, status: str = "notstarted", model: str | None = None) -> dict[str, str]:
-    """Segment tags stored with each candidate (Slicer ``Segment{i}_Tags``); ``model`` is "name version"."""
-    tags = {
-        "Segmentation.Status": status,
-        "TerminologyEntry": NODULE_TERMINOLOGY,
-        "LungNoduleAI.Rank": str(candidate.rank),
-        "LungNoduleAI.Probability": f"{candidate.probability:.4f}",
-        "LungNoduleAI.DiameterMm": f"{candidate.diameter_mm:.2f}",
-        "LungNoduleAI.LongestAxialDiameterMm": f"{candidate.longest_axial_diameter_mm:.2f}",
-        "LungNoduleAI.VolumeMm3": f"{candidate.volume_mm3:.1f}",
-        "LungNoduleAI.ReviewStatus": "pending",
-    }
-    if candidate.score is not None:
-        tags["LungNoduleAI.Score"] = f"{candidate.score:.4f}"
-    if model:
-        tags["LungNoduleAI.Model"] = model
-    return tags
 
 
 def mask_sha1(mask: np.ndarray, bbox: Sequence[int]) -> str:
@@ -148,11 +106,6 @@ def detected_fingerprint(labelmap_zyx: np.ndarray, candidate: Candidate) -> str:
     return mask_sha1(np.asarray(labelmap_zyx[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]) == candidate.id, candidate.bbox_ijk)
 
 
-def segment_name(candidate: Candidate) -> str:
-    """Display name such as ``Nodule 1 (12.3 mm, p=0.97)``."""
-    return f"Nodule {candidate.rank} ({candidate.diameter_mm:.1f} mm, p={candidate.probability:.2f})"
-
-
 def write_segmentation(
     labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike, model: str | None = None, source: dict | None = None
 ) -> None:
@@ -169,11 +122,11 @@ def write_segmentation(
     source_tags = identity_tags(source) if source else {}
     segments = [
         {
-            "id": f"Nodule_{c.rank}",
+            "id": segment_id(c),
             "name": segment_name(c),
-            "color": SEGMENT_COLORS[i % len(SEGMENT_COLORS)],
+            "color": segment_color(i),
             "label": c.rank,
-            "tags": {**segment_tags(c, model=model), "LungNoduleAI.DetectedMaskSha1": detected_fingerprint(arr, c), **source_tags},
+            "tags": {**segment_tags(c, model=model), TAG_DETECTED: detected_fingerprint(arr, c), **source_tags},
         }
         for i, c in enumerate(candidates)
     ]
@@ -280,7 +233,7 @@ def write_overview_png(ct_hu: sitk.Image, probability: sitk.Image, labelmap: sit
         sl = np.asarray(lab_a[k])
         for other in candidates:
             if (sl == other.id).any():
-                color = SEGMENT_COLORS[(other.rank - 1) % len(SEGMENT_COLORS)]
+                color = segment_color(other.rank - 1)
                 ax.contour((sl == other.id).astype(float), levels=[0.5], colors=[color], linewidths=1.2, extent=extent, origin="upper")
         if c is None:
             ax.set_title("No candidates above the threshold", fontsize=10)

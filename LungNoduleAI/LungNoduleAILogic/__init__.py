@@ -24,18 +24,13 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from LungNoduleAILib.candidates import Candidate, extract_candidates
+from LungNoduleAILib.candidates import Candidate, find_candidates
 from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_lps_matrix, ijk_to_ras_matrix
 from LungNoduleAILib.imageio import CTVolume, to_hu, validate_ct
+from LungNoduleAILib.protocol import find_outputs
 from LungNoduleAILib.provenance import check_same_source, identity_tags, source_identity
-from LungNoduleAILib.rescore import apply_rescorer
-from LungNoduleAILib.writers import (
-    SEGMENT_COLORS,
-    mask_sha1,
-    read_probability,
-    segment_name,
-    segment_tags,
-)
+from LungNoduleAILib.review import KNOWN_TAGS, PENDING, REJECTED, SLICER_STATUS, TAG_STATUS, review_status, segment_color, segment_name, segment_tags
+from LungNoduleAILib.writers import mask_sha1, read_probability
 
 from .exporting import ExportMixin
 from .names import (  # noqa: F401  (re-exported: the names the module has always offered)
@@ -44,19 +39,21 @@ from .names import (  # noqa: F401  (re-exported: the names the module has alway
     ATTR_SOURCE,
     ATTR_THRESHOLD,
     EXPORT_FORMATS,
-    KNOWN_TAGS,
     REF_LABELMAP,
     REF_PROBABILITY,
     REF_TABLE,
     REF_VOLUME,
     REVIEW_STATUSES,
     TABLE_COLUMNS,
+    TAG_CENTER_RAS,
     TAG_DETECTED,
+    TAG_DIAMETER,
     TAG_PROBABILITY,
     TAG_RANK,
     TAG_REVIEW,
-    TAG_REVIEWER,
     TAG_REVIEW_TIME,
+    TAG_REVIEWER,
+    TAG_VOLUME,
 )
 
 __all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
@@ -201,14 +198,11 @@ class LungNoduleAILogic(ExportMixin):
                 (grid or voxel checksum recorded in the JSON).
         """
         self._checkCTVolume(volumeNode)
-        reports = sorted(Path(outputDir).glob("*_nodules.json"))
-        if len(reports) != 1:
-            raise ValueError(f"Expected one *_nodules.json in '{outputDir}', found {len(reports)}: {[p.name for p in reports]}.")
-        report = json.loads(reports[0].read_text(encoding="utf-8"))
-        files = {kind: reports[0].with_name(reports[0].name.replace("_nodules.json", suffix)) for kind, suffix in (("probability", "_probability.nrrd"), ("labelmap", "_candidates.nrrd"))}
-        missing = [str(p) for p in files.values() if not p.exists()]
+        files = find_outputs(outputDir)
+        missing = [str(files[kind]) for kind in ("probability", "labelmap") if not files[kind].exists()]
         if missing:
-            raise ValueError(f"Result file(s) {', '.join(missing)} missing next to '{reports[0]}'.")
+            raise ValueError(f"Result file(s) {', '.join(missing)} missing next to '{files['json']}'.")
+        report = json.loads(files["json"].read_text(encoding="utf-8"))
         probability = read_probability(files["probability"])
         labelmap = sitk.ReadImage(str(files["labelmap"]))
         ct = self.imageFromVolume(volumeNode)
@@ -220,7 +214,7 @@ class LungNoduleAILogic(ExportMixin):
         recorded = {k: v for k, v in report.get("input", {}).items() if k not in ("path", "name", "series_uid")}
         if recorded.get("voxel_sha256"):  # same grid is not enough: the results must be of these voxels
             check_same_source(
-                recorded, source_identity(to_hu(ct)), f"The result set '{reports[0].name}'", f"volume '{volumeNode.GetName()}'",
+                recorded, source_identity(to_hu(ct)), f"The result set '{files['json'].name}'", f"volume '{volumeNode.GetName()}'",
                 "Nothing was imported. Select the volume the results were detected on, or run Detect on this one.",
             )
         return self._addResultNodes(volumeNode, probability, labelmap, report["candidates"], report)
@@ -311,8 +305,8 @@ class LungNoduleAILogic(ExportMixin):
         flat = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())
         flat[:] = mask.ravel()
         oriented.SetImageToWorldMatrix(self._arrayToMatrix(ijk_to_ras_matrix(labelmap)))
-        color = SEGMENT_COLORS[index % len(SEGMENT_COLORS)]
-        c = Candidate(**{k: cand[k] for k in Candidate.__dataclass_fields__ if k in cand})
+        color = segment_color(index)
+        c = Candidate.from_dict(cand)
         segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, segment_name(c), color)
         segment = segNode.GetSegmentation().GetSegment(segmentId)
         model = json.loads(segNode.GetAttribute(ATTR_MODEL) or "{}")
@@ -322,7 +316,7 @@ class LungNoduleAILogic(ExportMixin):
         source = json.loads(segNode.GetAttribute(ATTR_SOURCE) or "{}")
         for key, value in (identity_tags(source) if source else {}).items():
             segment.SetTag(key, value)
-        segment.SetTag("LungNoduleAI.CenterRAS", " ".join(f"{v:.2f}" for v in cand["center_ras_mm"]))
+        segment.SetTag(TAG_CENTER_RAS, " ".join(f"{v:.2f}" for v in cand["center_ras_mm"]))
         _segmentationsLogic().SetSegmentStatus(segment, slicer.vtkSlicerSegmentationsModuleLogic.NotStarted)
         return segmentId
 
@@ -342,14 +336,14 @@ class LungNoduleAILogic(ExportMixin):
         segmentation = segmentationNode.GetSegmentation()
         for segmentId in self.candidateSegmentIds(segmentationNode):
             seg = segmentation.GetSegment(segmentId)
-            center = [float(v) for v in (self._tag(seg, "LungNoduleAI.CenterRAS") or "0 0 0").split()]
+            center = self.segmentCenterRas(seg) or [0.0, 0.0, 0.0]
             rows.append(
                 [
-                    int(self._tag(seg, TAG_RANK) or 0),
-                    float(self._tag(seg, TAG_PROBABILITY) or 0.0),
-                    float(self._tag(seg, "LungNoduleAI.DiameterMm") or 0.0),
-                    float(self._tag(seg, "LungNoduleAI.VolumeMm3") or 0.0),
-                    self._tag(seg, TAG_REVIEW) or "pending",
+                    int(self.segmentTag(seg, TAG_RANK) or 0),
+                    float(self.segmentTag(seg, TAG_PROBABILITY) or 0.0),
+                    float(self.segmentTag(seg, TAG_DIAMETER) or 0.0),
+                    float(self.segmentTag(seg, TAG_VOLUME) or 0.0),
+                    self.segmentTag(seg, TAG_REVIEW) or PENDING,
                     segmentId,
                     *center,
                 ]
@@ -362,9 +356,24 @@ class LungNoduleAILogic(ExportMixin):
         tableNode.EndModify(wasModifying)
 
     @staticmethod
-    def _tag(segment, key: str) -> str | None:
+    def segmentTag(segment, key: str) -> str | None:
+        """The value of one tag of a ``vtkSegment`` (``key``: a ``TAG_*`` of :mod:`LungNoduleAILib.review`), ``None`` when it has none."""
         value = vtk.mutable("")
         return str(value) if segment.GetTag(key, value) else None
+
+    def segmentTags(self, segment) -> dict[str, str]:
+        """The tags of :data:`LungNoduleAILib.review.KNOWN_TAGS` a ``vtkSegment`` has (a segment cannot list its tags)."""
+        return {k: v for k in KNOWN_TAGS if (v := self.segmentTag(segment, k)) is not None}
+
+    def segmentCenterRas(self, segment) -> list[float] | None:
+        """The candidate's centre (RAS, mm) as detected, ``None`` for a segment without one (drawn by hand)."""
+        text = self.segmentTag(segment, TAG_CENTER_RAS)
+        return [float(v) for v in text.split()] if text else None
+
+    def segmentMeasurements(self, segment) -> dict[str, str]:
+        """Rank, probability, diameter (mm) and volume (mm³) of a candidate as the detector recorded them (text; "" when absent)."""
+        keys = {"rank": TAG_RANK, "probability": TAG_PROBABILITY, "diameter_mm": TAG_DIAMETER, "volume_mm3": TAG_VOLUME}
+        return {name: self.segmentTag(segment, tag) or "" for name, tag in keys.items()}
 
     def candidateSegmentIds(self, segmentationNode) -> list[str]:
         """Segment IDs of the candidates in rank order (segments without a rank come last, in order)."""
@@ -372,7 +381,7 @@ class LungNoduleAILogic(ExportMixin):
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
         def key(sid):
-            rank = self._tag(segmentation.GetSegment(sid), TAG_RANK)
+            rank = self.segmentTag(segmentation.GetSegment(sid), TAG_RANK)
             return (0, int(rank)) if rank else (1, ids.index(sid))
 
         return sorted(ids, key=key)
@@ -398,8 +407,7 @@ class LungNoduleAILogic(ExportMixin):
             raise ValueError(f"Unknown review status '{status}': use one of {', '.join(REVIEW_STATUSES)}.")
         segment = self._segment(segmentationNode, segmentId)
         L = slicer.vtkSlicerSegmentationsModuleLogic
-        slicerStatus = {"pending": L.NotStarted, "accepted": L.Completed, "rejected": L.Completed, "flagged": L.Flagged}[status]
-        _segmentationsLogic().SetSegmentStatus(segment, slicerStatus)
+        _segmentationsLogic().SetSegmentStatus(segment, L.GetSegmentStatusFromMachineReadableString(SLICER_STATUS[status]))
         segment.SetTag(TAG_REVIEW, status)
         if reviewer is None:
             try:
@@ -410,23 +418,18 @@ class LungNoduleAILogic(ExportMixin):
         segment.SetTag(TAG_REVIEW_TIME, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         display = segmentationNode.GetDisplayNode()
         if display is not None:
-            display.SetSegmentVisibility(segmentId, status != "rejected")
+            display.SetSegmentVisibility(segmentId, status != REJECTED)
         self.updateTable(segmentationNode)
 
     def candidateStatus(self, segmentationNode, segmentId: str) -> str:
         """Our review status of a segment (``pending`` when never reviewed)."""
         segment = self._segment(segmentationNode, segmentId)
-        status = self._tag(segment, TAG_REVIEW)
-        if status in REVIEW_STATUSES:
-            return status
-        # a segment made or edited by hand: derive from Slicer's status
-        L = slicer.vtkSlicerSegmentationsModuleLogic
-        return {L.Completed: "accepted", L.Flagged: "flagged"}.get(L.GetSegmentStatus(segment), "pending")
+        return review_status({key: self.segmentTag(segment, key) for key in (TAG_REVIEW, TAG_STATUS)})
 
     def isEdited(self, segmentationNode, segmentId: str) -> bool:
         """Whether a candidate's voxels differ from what the detector produced."""
         segment = self._segment(segmentationNode, segmentId)
-        detected = self._tag(segment, TAG_DETECTED)
+        detected = self.segmentTag(segment, TAG_DETECTED)
         if detected is None:
             return True  # not made by the detector
         arr, bbox = self._segmentMask(segmentationNode, segmentId)
@@ -501,18 +504,16 @@ class LungNoduleAILogic(ExportMixin):
         segmentation = segmentationNode.GetSegmentation()
         kept = []
         for sid in self.candidateSegmentIds(segmentationNode):
-            if self.candidateStatus(segmentationNode, sid) == "pending" and not self.isEdited(segmentationNode, sid):
+            if self.candidateStatus(segmentationNode, sid) == PENDING and not self.isEdited(segmentationNode, sid):
                 segmentation.RemoveSegment(sid)
             else:
                 kept.append(sid)
         keptMask = sitk.GetArrayViewFromImage(self._segmentArrayOnVolume(segmentationNode, kept, volume)) > 0 if kept else np.zeros(tuple(reversed(ct.GetSize())), bool)
         spec = self._modelSpec()
-        labelmap, found = extract_candidates(probability, ct, threshold, **(spec.candidate_options() if spec else {}))
-        if spec is not None and spec.rescoring:
-            labelmap, found = apply_rescorer(spec.rescoring, found, labelmap, to_hu(ct), probability)
+        labelmap, found = find_candidates(probability, to_hu(ct), threshold, spec)
         labelArr = sitk.GetArrayViewFromImage(labelmap)
         newIds = []
-        rank = max([int(self._tag(segmentation.GetSegment(s), TAG_RANK) or 0) for s in kept] + [0])
+        rank = max([int(self.segmentTag(segmentation.GetSegment(s), TAG_RANK) or 0) for s in kept] + [0])
         for cand in found:
             if keptMask[labelArr == cand.id].any():
                 continue

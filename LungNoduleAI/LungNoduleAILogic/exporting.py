@@ -9,27 +9,15 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-import numpy as np
-import SimpleITK as sitk
 import slicer
 
-from LungNoduleAILib.candidates import measure_candidates
-from LungNoduleAILib.export import DICOM_FORMATS, TAG_EDITED, TAG_TRACKING_UID, ReviewedSegment, check_formats, export_paths, write_reviewed
+from LungNoduleAILib.export import DICOM_FORMATS, ReviewFront, check_formats, choose_for_export, export_paths, export_segments
 from LungNoduleAILib.geometry import geometry_from_ijk_to_ras, ijk_to_lps_matrix
 from LungNoduleAILib.imageio import CTVolume, read_ct, to_hu
-from LungNoduleAILib.provenance import (
-    TAG_SOURCE_GRID,
-    TAG_SOURCE_SERIES,
-    TAG_SOURCE_SHA256,
-    check_same_source,
-    grid_mismatches,
-    identity_from_tags,
-    image_grid,
-    segment_inside,
-    source_identity,
-)
+from LungNoduleAILib.provenance import check_same_source, grid_mismatches, identity_from_tags, image_grid, segment_inside
+from LungNoduleAILib.review import TAG_EDITED, TAG_SOURCE_GRID, TAG_SOURCE_SERIES, TAG_SOURCE_SHA256, TAG_TRACKING_UID
 
-from .names import ATTR_DICOM_INSTANCES, ATTR_MODEL, ATTR_SOURCE, KNOWN_TAGS, REF_PROBABILITY
+from .names import ATTR_DICOM_INSTANCES, ATTR_MODEL, ATTR_SOURCE, REF_PROBABILITY
 
 __all__ = ["ExportMixin"]
 
@@ -51,20 +39,19 @@ class ExportMixin:
             return recorded
         segmentation = segmentationNode.GetSegmentation()
         tags = [
-            {k: v for k in (TAG_SOURCE_SERIES, TAG_SOURCE_SHA256, TAG_SOURCE_GRID) if (v := self._tag(segmentation.GetSegment(sid), k)) is not None}
+            {k: v for k in (TAG_SOURCE_SERIES, TAG_SOURCE_SHA256, TAG_SOURCE_GRID) if (v := self.segmentTag(segmentation.GetSegment(sid), k)) is not None}
             for sid in self.candidateSegmentIds(segmentationNode)
         ]
         return identity_from_tags(tags, f"Segmentation '{segmentationNode.GetName()}'")
 
-    def _checkExportSource(self, segmentationNode, volumeNode, ct: sitk.Image, dicomSeries, dicomSource, segmentIds: list[str]) -> dict:
-        """Refuse an export whose volume or DICOM series is not the CT the segmentation was made on; return the volume's identity.
+    def _checkExportSource(self, segmentationNode, volumeNode, source: CTVolume, dicomSource, segmentIds: list[str]) -> None:
+        """Refuse an export whose volume (``source``: its HU image, DICOM series and identity) or DICOM series is not the CT the segmentation was made on.
 
         Raises:
             ValueError: naming what differs (UIDs, grid, voxel checksum), or the segments that reach outside the volume.
         """
         what = f"Segmentation '{segmentationNode.GetName()}'"
-        seriesUid = dicomSeries.series_uid if dicomSeries else volumeNode.GetAttribute("DICOM.SeriesInstanceUID")
-        identity = source_identity(ct, dicomSeries, seriesUid)
+        ct, dicomSeries, identity = source.image, source.dicom, source.identity()
         recorded = self.recordedSource(segmentationNode)
         voxels = {sid: self._segmentVoxels(segmentationNode, sid) for sid in segmentIds}  # (mask, bbox, index->LPS), read once
         if recorded is not None:
@@ -93,7 +80,6 @@ class ExportMixin:
                 f"Segment(s) {', '.join(outside)} reach outside volume '{volumeNode.GetName()}': their voxels would be cut and their measurements wrong. "
                 "Nothing was exported. Select the CT they were drawn on, or trim them to it in the Segment Editor."
             )
-        return identity
 
     def exportReviewed(
         self,
@@ -141,17 +127,9 @@ class ExportMixin:
         self._checkCTVolume(referenceVolumeNode)
         if segmentationNode is None:
             raise ValueError("No segmentation selected: select the nodule segmentation to export.")
-        ids = self.candidateSegmentIds(segmentationNode)
-        statuses = {sid: self.candidateStatus(segmentationNode, sid) for sid in ids}
-        segmentation = segmentationNode.GetSegmentation()
-        unresolved = [sid for sid in ids if statuses[sid] in ("pending", "flagged")]
-        if unresolved and not includePending:
-            names = ", ".join(segmentation.GetSegment(s).GetName() for s in unresolved)
-            raise ValueError(f"{len(unresolved)} candidate(s) not yet accepted or rejected: {names}. Review them, or export with includePending=True.")
-        export = [sid for sid in ids if statuses[sid] == "accepted" or (includePending and statuses[sid] in ("pending", "flagged"))]
-        if not export:
-            raise ValueError("No accepted candidates to export: accept at least one candidate first.")
+        front = _NodeFront(self, segmentationNode, referenceVolumeNode)
         wantsDicom = any(f in DICOM_FORMATS for f in formats)
+        choose_for_export(front, includePending)  # unresolved or nothing accepted: refused before looking for DICOM files
         dicomSeries = self.dicomSeriesForVolume(referenceVolumeNode, dicomSource) if wantsDicom else None
         probability = None
         if wantsDicom and segmentationType == "fractional":
@@ -159,33 +137,17 @@ class ExportMixin:
             if probNode is None:
                 raise ValueError(f"A fractional DICOM SEG needs the probability map of the detection, but '{segmentationNode.GetName()}' has none: export a binary SEG.")
             probability = self.imageFromVolume(probNode)
-
-        labels = self._segmentArrayOnVolume(segmentationNode, export, referenceVolumeNode)
-        arr = sitk.GetArrayViewFromImage(labels)
-        present = set(np.unique(arr).tolist())
-        empty = [segmentation.GetSegment(sid).GetName() for n, sid in enumerate(export, start=1) if n not in present]
-        if empty:
-            raise ValueError(f"Segment(s) {', '.join(empty)} are empty (edited into emptiness or outside the volume): reject them or redraw them.")
-        ct = to_hu(self.imageFromVolume(referenceVolumeNode))
-        identity = self._checkExportSource(segmentationNode, referenceVolumeNode, ct, dicomSeries, dicomSource, export)
-        measured = measure_candidates(labels, ct)
         name = referenceVolumeNode.GetName()
-        targets = export_paths(outputDir, name, formats)
-        existing = [str(p) for p in targets.values() if p.exists()]
-        if existing and not overwrite:
-            raise ValueError(f"Export files already exist: {', '.join(existing)}. Choose another folder or allow overwriting.")
+        ct = to_hu(self.imageFromVolume(referenceVolumeNode))
+        seriesUid = dicomSeries.series_uid if dicomSeries else referenceVolumeNode.GetAttribute("DICOM.SeriesInstanceUID")
+        front.source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=seriesUid, dicom=dicomSeries)
+        front.dicomSource = dicomSource
+        header = {"source_volume": name, "source": front.source.identity(), "segmentation": segmentationNode.GetName()}
         model = json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}")
-        reviewed = []
-        for sid in export:
-            seg = segmentation.GetSegment(sid)
-            tags = {k: v for k in KNOWN_TAGS if (v := self._tag(seg, k)) is not None}
-            reviewed.append(ReviewedSegment(sid, seg.GetName(), tuple(seg.GetColor()), tags, statuses[sid], self.isEdited(segmentationNode, sid)))
-        seriesUid = identity["series_uid"]
-        source = CTVolume(image=ct, path=str(dicomSource or name), name=name, series_uid=seriesUid, dicom=dicomSeries, _identity=identity)
-        header = {"source_volume": name, "source": identity, "segmentation": segmentationNode.GetName()}
-        leftOut = {sid: statuses[sid] for sid in ids if sid not in export}
         modelId = (model.get("name") or "LungNoduleAI", model.get("version") or "unknown")
-        write_reviewed(targets, labels, measured, reviewed, header, leftOut, source, modelId, probability, overwrite)
+        targets = export_paths(outputDir, name, formats)
+        reviewed = export_segments(front, front.source, targets, header, modelId, includePending, overwrite, probability)
+        segmentation = segmentationNode.GetSegmentation()
         for r in reviewed:  # the nodule keeps its tracking UID in later exports
             segment = segmentation.GetSegment(r.id)
             segment.SetTag(TAG_TRACKING_UID, r.tags[TAG_TRACKING_UID])
@@ -230,3 +192,33 @@ class ExportMixin:
                 f"'{volumeNode.GetName()}' was loaded from: give the folder of the series the volume came from."
             )
         return series
+
+
+class _NodeFront(ReviewFront):
+    """The candidates of a segmentation node, as :func:`LungNoduleAILib.export.export_segments` takes them."""
+
+    noun = "candidate"
+    pendingHint = "Review them, or export with includePending=True."
+
+    def __init__(self, logic, segmentationNode, volumeNode):
+        self.logic, self.segmentationNode, self.volumeNode = logic, segmentationNode, volumeNode
+        self.where = f"'{segmentationNode.GetName()}'"
+        self.ct_label = f"volume '{volumeNode.GetName()}'"
+        self.pending_hint = self.pendingHint
+        self.overwrite_hint = "Choose another folder or allow overwriting."
+        self.source, self.dicomSource = None, None
+        segmentation = segmentationNode.GetSegmentation()
+        self.ids = logic.candidateSegmentIds(segmentationNode)
+        self.segments = []
+        for sid in self.ids:
+            segment = segmentation.GetSegment(sid)
+            self.segments.append({"id": sid, "name": segment.GetName(), "color": tuple(segment.GetColor()), "tags": logic.segmentTags(segment)})
+
+    def labels(self, chosen):
+        ids = [self.ids[i] for i in chosen]
+        labels = self.logic._segmentArrayOnVolume(self.segmentationNode, ids, self.volumeNode)
+        self.logic._checkExportSource(self.segmentationNode, self.volumeNode, self.source, self.dicomSource, ids)
+        return labels
+
+    def edited(self, index):
+        return self.logic.isEdited(self.segmentationNode, self.ids[index])

@@ -1,45 +1,32 @@
-"""Names the MRML bridge stores on nodes and segments: review statuses, segment tags, node references and attributes, table columns."""
+"""Names the MRML bridge stores on nodes: node references and attributes, table columns (segment tags and statuses: :mod:`LungNoduleAILib.review`)."""
 
 from __future__ import annotations
 
-from LungNoduleAILib.export import EXPORT_FORMATS as ENGINE_EXPORT_FORMATS
-from LungNoduleAILib.export import TAG_EDITED, TAG_MODEL, TAG_TRACKING_UID
-from LungNoduleAILib.provenance import TAG_SOURCE_GRID, TAG_SOURCE_SERIES, TAG_SOURCE_SHA256
-
-REVIEW_STATUSES = ("pending", "accepted", "rejected", "flagged")
-EXPORT_FORMATS = ENGINE_EXPORT_FORMATS
-ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
-"""Attribute Slicer's DICOM module sets on a volume it loaded: the SOP Instance UIDs of its slices."""
-
-TAG_REVIEW = "LungNoduleAI.ReviewStatus"
-TAG_REVIEWER = "LungNoduleAI.Reviewer"
-TAG_REVIEW_TIME = "LungNoduleAI.ReviewTime"
-TAG_DETECTED = "LungNoduleAI.DetectedMaskSha1"
-TAG_PROBABILITY = "LungNoduleAI.Probability"
-TAG_RANK = "LungNoduleAI.Rank"
-
-KNOWN_TAGS = (
-    "Segmentation.Status",
-    "TerminologyEntry",
-    TAG_RANK,
-    TAG_PROBABILITY,
-    "LungNoduleAI.Score",
-    "LungNoduleAI.DiameterMm",
-    "LungNoduleAI.LongestAxialDiameterMm",
-    "LungNoduleAI.VolumeMm3",
-    "LungNoduleAI.CenterRAS",
-    TAG_REVIEW,
-    TAG_REVIEWER,
-    TAG_REVIEW_TIME,
+from LungNoduleAILib.export import EXPORT_FORMATS  # noqa: F401  (re-exported for the module)
+from LungNoduleAILib.review import (  # noqa: F401  (the review vocabulary, re-exported for the module)
+    KNOWN_TAGS,
+    REVIEW_STATUSES,
+    TAG_CENTER_RAS,
     TAG_DETECTED,
-    TAG_MODEL,
-    TAG_TRACKING_UID,
+    TAG_DIAMETER,
     TAG_EDITED,
+    TAG_MODEL,
+    TAG_PROBABILITY,
+    TAG_RANK,
+    TAG_REVIEW,
+    TAG_REVIEW_TIME,
+    TAG_REVIEWER,
+    TAG_SOURCE_GRID,
     TAG_SOURCE_SERIES,
     TAG_SOURCE_SHA256,
-    TAG_SOURCE_GRID,
+    TAG_TRACKING_UID,
+    TAG_VOLUME,
 )
-"""Segment tags carried into exported .seg.nrrd files (vtkSegment cannot list its tags)."""
+
+ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
+"""Attribute Slicer's DICOM module sets on a volume it loaded: the SOP Instance UIDs of its slices."""
+ATTR_OUTPUT = "LungNoduleAI.Output"
+"""Attribute on every node a detection made (the module's CT selector leaves them out)."""
 
 REF_PROBABILITY = "LungNoduleAI.Probability"
 REF_LABELMAP = "LungNoduleAI.Labelmap"

@@ -8,7 +8,6 @@ responsive while the network runs; works the same outside Slicer.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
@@ -20,11 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["EngineProcess", "EngineEvent", "pythonExecutable", "detectCommand"]
+from LungNoduleAILib.protocol import parse
 
-PROGRESS_PREFIX = "LUNGNODULEAI_PROGRESS "
-RESULT_PREFIX = "LUNGNODULEAI_RESULT "
-ERROR_PREFIX = "LUNGNODULEAI_ERROR "
+__all__ = ["EngineProcess", "EngineEvent", "pythonExecutable", "detectCommand", "engineEnvironment"]
 
 
 @dataclass
@@ -32,7 +29,8 @@ class EngineEvent:
     """One thing the engine process reported.
 
     Attributes:
-        kind: ``progress``, ``result``, ``error``, ``log`` (any other line) or ``finished``.
+        kind: an event of :mod:`LungNoduleAILib.protocol` (``progress``, ``model``, ``result``, ``error``),
+            ``log`` (any other line) or ``finished``.
         data: the parsed JSON for progress/result/error, ``{"line": ...}`` for log,
             ``{"returncode": n, "cancelled": bool}`` for finished.
     """
@@ -48,6 +46,18 @@ def pythonExecutable() -> str:
         return found
     candidate = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
     return str(candidate) if candidate.exists() else sys.executable
+
+
+def engineEnvironment(base: dict | None = None) -> dict:
+    """Environment for the engine process: ``base`` (default: this process's) with the module folder first on ``PYTHONPATH``.
+
+    In Slicer pass ``slicer.util.startupEnvironment()``, the environment Slicer itself started with.
+    """
+    env = dict(os.environ if base is None else base)
+    moduleDir = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = moduleDir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def detectCommand(inputPath: str, outputDir: str, device: str = "auto", threshold: float | None = None, modelPath: str | None = None, useLungMask: bool = True) -> list[str]:
@@ -67,15 +77,11 @@ class EngineProcess:
 
     Args:
         command: the command line (see :func:`detectCommand`).
-        env: environment (default: this process's, with the module folder on ``PYTHONPATH``).
+        env: environment (default: :func:`engineEnvironment` of this process's).
     """
 
     def __init__(self, command: list[str], env: dict | None = None):
-        if env is None:
-            env = dict(os.environ)
-            moduleDir = str(Path(__file__).resolve().parents[1])
-            env["PYTHONPATH"] = moduleDir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONUNBUFFERED"] = "1"
+        env = engineEnvironment(env) if env is None else {**env, "PYTHONUNBUFFERED": "1"}
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
@@ -84,6 +90,8 @@ class EngineProcess:
         self.startTime = time.monotonic()
         self.cancelled = False
         self.lastProgress: dict = {}
+        self.model: dict = {}
+        """The last ``model`` event: the model and the device the engine actually used."""
         self.results: list[dict] = []
         self.errors: list[dict] = []
         self.log: list[str] = []
@@ -114,19 +122,18 @@ class EngineProcess:
         return events
 
     def _parse(self, line: str) -> EngineEvent:
-        for prefix, kind, store in ((PROGRESS_PREFIX, "progress", None), (RESULT_PREFIX, "result", self.results), (ERROR_PREFIX, "error", self.errors)):
-            if line.startswith(prefix):
-                try:
-                    data = json.loads(line[len(prefix) :])
-                except json.JSONDecodeError:
-                    break
-                if kind == "progress":
-                    self.lastProgress = data
-                else:
-                    store.append(data)
-                return EngineEvent(kind, data)
-        self.log.append(line)
-        return EngineEvent("log", {"line": line})
+        event = parse(line)
+        if event is None:
+            self.log.append(line)
+            return EngineEvent("log", {"line": line})
+        kind, data = event
+        if kind == "progress":
+            self.lastProgress = data
+        elif kind == "model":
+            self.model = data
+        else:
+            {"result": self.results, "error": self.errors}[kind].append(data)
+        return EngineEvent(kind, data)
 
     @property
     def running(self) -> bool:

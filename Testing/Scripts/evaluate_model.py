@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from LungNoduleAILib.evaluate import Finding, evaluate, lidc_excluded_findings, lidc_reader_marks, match_scan, write_reference_csv
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
-from LungNoduleAILib.train import NODULE_CONTEXTS, NODULE_DENSITIES, nodule_context, nodule_density, validation_series
+from LungNoduleAILib.training import NODULE_CONTEXTS, NODULE_DENSITIES, nodule_context, nodule_density, validation_series
 
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)

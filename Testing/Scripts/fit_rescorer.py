@@ -25,7 +25,7 @@ from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.model import ModelSpec, load_model
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.rescore import candidate_features, fit_rescorer, score
-from LungNoduleAILib.train import lidc_marked_points_lps, validation_series
+from LungNoduleAILib.training import lidc_marked_points_lps, validation_series
 
 from evaluate_model import other_references
 

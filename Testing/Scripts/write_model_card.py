@@ -1,6 +1,11 @@
-"""Write MODEL_CARD.md next to a model from its metadata and measured figures.
+"""Write a model's full record (the long form: every ingredient, every figure) from its metadata and measured figures.
 
-    .venv/bin/python Testing/Scripts/write_model_card.py MODEL.json FIGURES.json [--bench BENCH.txt]
+    .venv/bin/python Testing/Scripts/write_model_card.py MODEL.json FIGURES.json [--bench BENCH.txt] [--output FILE]
+
+The output (default ``<model folder>/<name>_<version>_record.md``) becomes the new
+version's entry at the top of ``MODEL_HISTORY.md``; ``MODEL_CARD.md``, the short card a
+user reads (intended use, data, recipe, figures with intervals, limits), is edited by
+hand from it and must stay under 20 KB.
 
 FIGURES.json is what Testing/Scripts/evaluate_model.py --output wrote; BENCH.txt
 is the table Testing/Benchmarks/bench_detect.py printed.
@@ -98,6 +103,7 @@ def main() -> None:
     ap.add_argument("figures", type=Path)
     ap.add_argument("--bench", type=Path)
     ap.add_argument("--notes", type=Path, help="markdown appended as 'Notes'")
+    ap.add_argument("--output", type=Path, help="where to write (default: <model folder>/<name>_<version>_record.md)")
     args = ap.parse_args()
     spec = ModelSpec.from_json(args.model)
     fig = json.loads(args.figures.read_text())
@@ -206,7 +212,7 @@ def main() -> None:
         *weak_spot_lines(vc),
         "",
     ]
-    out = args.model.parent / "MODEL_CARD.md"
+    out = args.output or args.model.parent / f"{spec.name}_{spec.version}_record.md"
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
 
