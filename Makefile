@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine with only Python 3.10+:
 #   make demo   -> creates .venv, installs LungNoduleAI, detects nodules in the bundled sample CT (outputs in demo-output/)
-#   make test   -> creates/updates .venv with the test extras and runs the whole pytest suite
+#   make test   -> creates/updates .venv with the test extras, runs ruff (lint and format check) and the whole pytest suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -28,6 +28,8 @@ demo: $(VENV)/.installed
 	$(BIN)/lungnoduleai demo --output-dir demo-output
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

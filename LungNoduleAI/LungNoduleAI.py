@@ -141,8 +141,12 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self._shortcuts = []
-        for key, callback in (("A", lambda: self.setSelectedStatus(ACCEPTED)), ("R", lambda: self.setSelectedStatus(REJECTED)),
-                              ("F", lambda: self.setSelectedStatus(FLAGGED)), ("N", self.selectNextPending)):
+        for key, callback in (
+            ("A", lambda: self.setSelectedStatus(ACCEPTED)),
+            ("R", lambda: self.setSelectedStatus(REJECTED)),
+            ("F", lambda: self.setSelectedStatus(FLAGGED)),
+            ("N", self.selectNextPending),
+        ):
             shortcut = qt.QShortcut(qt.QKeySequence(key), self.ui.candidatesTable)
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
             shortcut.connect("activated()", callback)
@@ -234,7 +238,9 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 import PyTorchUtils
             except ModuleNotFoundError:
-                slicer.util.errorDisplay(_("Lung Nodule AI needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, then click Detect again."))
+                slicer.util.errorDisplay(
+                    _("Lung Nodule AI needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, then click Detect again.")
+                )
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
@@ -245,7 +251,9 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = [req for name, req in PIP_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
         if missing:
             if not slicer.util.confirmOkCancelDisplay(
-                _("Lung Nodule AI needs these Python packages: {packages}. Install them now? (needs a network connection, a few minutes)").format(packages=", ".join(missing)),
+                _("Lung Nodule AI needs these Python packages: {packages}. Install them now? (needs a network connection, a few minutes)").format(
+                    packages=", ".join(missing)
+                ),
                 _("Install Python packages"),
             ):
                 return False
@@ -254,7 +262,11 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             importlib.invalidate_caches()
             stillMissing = [name for name in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
             if stillMissing:
-                slicer.util.errorDisplay(_("Packages {packages} were installed but cannot be imported yet: restart Slicer and click Detect again.").format(packages=", ".join(stillMissing)))
+                slicer.util.errorDisplay(
+                    _("Packages {packages} were installed but cannot be imported yet: restart Slicer and click Detect again.").format(
+                        packages=", ".join(stillMissing)
+                    )
+                )
                 return False
         return True
 
@@ -323,7 +335,8 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = self.logic.importResults(self._runVolume, os.path.join(self._workDir, "output"))
                 self.showResult(result)
                 self.ui.statusLabel.text = _("{count} candidate(s) in {seconds:.0f} s on {device}.").format(
-                    count=len(result.candidates), seconds=process.elapsed(), device=result.report.get("device", "?"))
+                    count=len(result.candidates), seconds=process.elapsed(), device=result.report.get("device", "?")
+                )
                 self.ui.deviceUsedLabel.text = result.report.get("device", "?")
         finally:
             self._removeWorkDir()
@@ -461,16 +474,31 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if seg is None:
                 raise ValueError(_("Select the nodule segmentation to export."))
             volume = seg.GetNodeReference(REF_VOLUME) or self._parameterNode.inputVolume
-            formats = [fmt for fmt, box in (("seg.nrrd", self.ui.exportSegNrrdCheckBox), ("nii.gz", self.ui.exportNiftiCheckBox),
-                                            ("csv", self.ui.exportCsvCheckBox), ("json", self.ui.exportJsonCheckBox),
-                                            ("dcm-seg", self.ui.exportDicomSegCheckBox), ("dcm-sr", self.ui.exportDicomSrCheckBox)) if box.checked]
+            formats = [
+                fmt
+                for fmt, box in (
+                    ("seg.nrrd", self.ui.exportSegNrrdCheckBox),
+                    ("nii.gz", self.ui.exportNiftiCheckBox),
+                    ("csv", self.ui.exportCsvCheckBox),
+                    ("json", self.ui.exportJsonCheckBox),
+                    ("dcm-seg", self.ui.exportDicomSegCheckBox),
+                    ("dcm-sr", self.ui.exportDicomSrCheckBox),
+                )
+                if box.checked
+            ]
             if ("dcm-seg" in formats or "dcm-sr" in formats) and not self.ensurePackage("highdicom", "highdicom>=0.26"):
                 return
             ids = self.logic.candidateSegmentIds(seg)
             pending = [sid for sid in ids if self.logic.candidateStatus(seg, sid) in UNRESOLVED_STATUSES]
             # DICOM files come from the DICOM database through the volume's DICOM.instanceUIDs (see the Logic)
-            paths = self.logic.exportReviewed(seg, volume, self.ui.exportDirectoryButton.directory, formats, includePending=self.ui.includePendingCheckBox.checked,
-                                              segmentationType="fractional" if self.ui.fractionalSegCheckBox.checked else "binary")
+            paths = self.logic.exportReviewed(
+                seg,
+                volume,
+                self.ui.exportDirectoryButton.directory,
+                formats,
+                includePending=self.ui.includePendingCheckBox.checked,
+                segmentationType="fractional" if self.ui.fractionalSegCheckBox.checked else "binary",
+            )
             message = _("Wrote:\n{files}").format(files="\n".join(paths))
             if pending:
                 message += "\n\n" + _("Warning: {count} candidate(s) are still pending or flagged.").format(count=len(pending))

@@ -18,8 +18,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
-from LungNoduleAILib.dicomseg import seg_masks_on_slices
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from LungNoduleAILib.dicomseg import seg_masks_on_slices
 
 PATIENT = {"PatientName": "Test^Nodule", "PatientID": "LNAI-TEST-1", "PatientBirthDate": "19600101", "PatientSex": "F"}
 
@@ -124,7 +125,9 @@ def write_ct_series(
     return {"files": files, "series_uid": series_uid, "study_uid": study_uid, "frame_uid": frame_uid, "sop_uids": sops}
 
 
-def write_tilted_series(folder: str | Path, tilt_deg: float, sphere_center_lps: tuple, sphere_radius_mm: float, size=(64, 64, 40), spacing=(1.0, 1.0, 2.0)) -> dict:
+def write_tilted_series(
+    folder: str | Path, tilt_deg: float, sphere_center_lps: tuple, sphere_radius_mm: float, size=(64, 64, 40), spacing=(1.0, 1.0, 2.0)
+) -> dict:
     """A gantry-tilted series of an analytic phantom: a 300 HU sphere in -800 HU lung beside a 40 HU chest wall (x < -22 mm).
 
     Image planes are tilted by ``tilt_deg`` about the patient's x axis while the

@@ -66,20 +66,22 @@ def test_batch_with_a_bad_input_processes_the_others(tmp_path):
     small = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (20, 64, 64)).astype(np.uint8))
     sitk.WriteImage(small, str(tmp_path / "eightbit.nrrd"))
     out = tmp_path / "out"
-    proc = run_cli("detect", bad, tmp_path / "eightbit.nrrd", SAMPLE_CT, tmp_path / "missing.nii.gz", "--output-dir", out, "--device", "cpu", "--progress-lines")
+    proc = run_cli(
+        "detect", bad, tmp_path / "eightbit.nrrd", SAMPLE_CT, tmp_path / "missing.nii.gz", "--output-dir", out, "--device", "cpu", "--progress-lines"
+    )
     assert proc.returncode == 1
     assert "broken.nii.gz" in proc.stderr and "8-bit" in proc.stderr and "does not exist" in proc.stderr
     assert "3 of 4 inputs failed" in proc.stderr
     assert (out / "LIDC-IDRI-0001_sample_nodules.json").exists()
     assert not (out / "broken_nodules.json").exists()
     lines = proc.stdout.splitlines()
-    progress = [json.loads(line[len(PROGRESS_PREFIX):]) for line in lines if line.startswith(PROGRESS_PREFIX)]
+    progress = [json.loads(line[len(PROGRESS_PREFIX) :]) for line in lines if line.startswith(PROGRESS_PREFIX)]
     assert progress and {"stage", "fraction", "done", "total", "input"} <= set(progress[0])
     fractions = [p["fraction"] for p in progress if p["input"] == 2]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in lines if line.startswith(RESULT_PREFIX)]
+    results = [json.loads(line[len(RESULT_PREFIX) :]) for line in lines if line.startswith(RESULT_PREFIX)]
     assert len(results) == 1 and results[0]["json"].endswith("LIDC-IDRI-0001_sample_nodules.json")
-    errors = [json.loads(line[len(ERROR_PREFIX):]) for line in lines if line.startswith(ERROR_PREFIX)]
+    errors = [json.loads(line[len(ERROR_PREFIX) :]) for line in lines if line.startswith(ERROR_PREFIX)]
     assert len(errors) == 3
     models = [event[1] for line in lines if (event := parse(line)) and event[0] == "model"]  # the device actually used, for the Slicer panel
     assert len(models) == 1 and models[0]["device"] == "cpu" and models[0]["model"] and models[0]["input"] == str(SAMPLE_CT)

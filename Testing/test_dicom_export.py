@@ -33,7 +33,9 @@ def detected(tmp_path_factory, bundled_model):
 
 
 def review(seg_path, out_path, statuses: dict, dilate: tuple = (), default: str = "rejected") -> None:
-    """Write a copy of ``seg_path`` with review statuses (by segment index; the others get ``default``) and some segments grown by one voxel, as an annotator leaves it."""
+    """Write a copy of ``seg_path`` with review statuses (by segment index; the others get ``default``) and some segments grown by one voxel, as an
+    annotator leaves it.
+    """
     seg = read_segmentation(seg_path)
     arr = sitk.GetArrayFromImage(seg.layers[0])
     for i in dilate:
@@ -58,7 +60,14 @@ def test_reviewed_sample_exports_seg_and_sr_that_match_the_labels_and_csv(detect
     out = tmp_path / "export"
     assert main(["export", str(reviewed), "--dicom", str(detected["dcm"]), "-o", str(out), "--formats", "seg.nrrd,dcm-seg,dcm-sr,nii.gz,csv,json"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["dcm_reviewed.seg.nrrd", "dcm_reviewed_labels.nii.gz", "dcm_reviewed_nodules.csv", "dcm_reviewed_nodules.json", "dcm_reviewed_seg.dcm", "dcm_reviewed_sr.dcm"]
+    assert names == [
+        "dcm_reviewed.seg.nrrd",
+        "dcm_reviewed_labels.nii.gz",
+        "dcm_reviewed_nodules.csv",
+        "dcm_reviewed_nodules.json",
+        "dcm_reviewed_seg.dcm",
+        "dcm_reviewed_sr.dcm",
+    ]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "dcm_reviewed_labels.nii.gz")))
     assert labels.max() == 2  # the rejected candidate is left out
     series = read_ct(detected["dcm"]).dicom
@@ -104,7 +113,10 @@ def test_fractional_seg_holds_the_probability_inside_the_reviewed_masks(detected
     reviewed = tmp_path / "r.seg.nrrd"
     review(detected["seg"], reviewed, {0: "accepted", 1: "rejected", 2: "rejected"})
     out = tmp_path / "frac"
-    assert main(["export", str(reviewed), "--dicom", str(detected["dcm"]), "-o", str(out), "--formats", "dcm-seg,nii.gz", "--probability", str(detected["prob"])]) == 0
+    assert (
+        main(["export", str(reviewed), "--dicom", str(detected["dcm"]), "-o", str(out), "--formats", "dcm-seg,nii.gz", "--probability", str(detected["prob"])])
+        == 0
+    )
     seg = pydicom.dcmread(str(out / "r_reviewed_seg.dcm"))
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "r_reviewed_labels.nii.gz")))

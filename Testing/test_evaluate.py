@@ -71,7 +71,14 @@ def test_no_nodules_is_refused():
 
 def _result(path, name, candidates, series_uid=None, size=(50, 50, 50), origin=(-24.5, -24.5, -24.5)):
     report = {
-        "input": {"name": name, "series_uid": series_uid, "size_ijk": list(size), "spacing_mm": [1.0, 1.0, 1.0], "origin_lps_mm": list(origin), "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]},
+        "input": {
+            "name": name,
+            "series_uid": series_uid,
+            "size_ijk": list(size),
+            "spacing_mm": [1.0, 1.0, 1.0],
+            "origin_lps_mm": list(origin),
+            "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
+        },
         "threshold": 0.5,
         "candidates": candidates,
     }
@@ -87,9 +94,26 @@ def test_evaluate_command_with_references_and_series_map(tmp_path):
     (tmp_path / "excl.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n9.9.9,50,0,0,6\n")
     (tmp_path / "map.csv").write_text("case,seriesuid\ncaseA,9.9.9\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--annotations", str(tmp_path / "ann.csv"), "--excluded", str(tmp_path / "excl.csv"),
-         "--series-map", str(tmp_path / "map.csv"), "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "LungNoduleAILib.cli",
+            "evaluate",
+            str(res),
+            "--annotations",
+            str(tmp_path / "ann.csv"),
+            "--excluded",
+            str(tmp_path / "excl.csv"),
+            "--series-map",
+            str(tmp_path / "map.csv"),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--bootstrap",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -106,8 +130,22 @@ def test_evaluate_cube_mode(tmp_path):
     _result(res / "c2_nodules.json", "uid2_dcm_0", [cand(15, 0.8)])  # miss (radius 3) + FP
     (tmp_path / "cubes.csv").write_text("image,mask,seriesuid,diameter_mm\nuid1_dcm_0.mha,uid1_seg_0.mha,uid1,8\nuid2_dcm_0.mha,uid2_seg_0.mha,uid2,6\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--cubes", str(tmp_path / "cubes.csv"), "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "LungNoduleAILib.cli",
+            "evaluate",
+            str(res),
+            "--cubes",
+            str(tmp_path / "cubes.csv"),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--bootstrap",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -227,8 +265,23 @@ def test_evaluate_command_refuses_bad_input_and_keeps_an_earlier_report(tmp_path
     out.mkdir()
     (out / "evaluation.json").write_text('{"cpm": 0.5}')
     proc = subprocess.run(
-        [sys.executable, "-m", "LungNoduleAILib.cli", "evaluate", str(res), "--annotations", str(tmp_path / "ann.csv"), "--series-map", str(tmp_path / "map.csv"), "--output-dir", str(out), "--overwrite"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "LungNoduleAILib.cli",
+            "evaluate",
+            str(res),
+            "--annotations",
+            str(tmp_path / "ann.csv"),
+            "--series-map",
+            str(tmp_path / "map.csv"),
+            "--output-dir",
+            str(out),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     assert "needs case,seriesuid" in proc.stderr and "Traceback" not in proc.stderr

@@ -99,7 +99,8 @@ def test_local_flips_run_only_around_regions_that_reach_the_probability():
     assert local.dtype == np.float32 and local.shape == vol.shape
     small = np.ascontiguousarray(vol[4:28, 4:28, 4:28])  # fits in one window: flipped everywhere, as without flip_min_probability
     np.testing.assert_array_equal(
-        SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]], flip_min_probability=0.8, flip_context=4)(small), SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]])(small)
+        SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]], flip_min_probability=0.8, flip_context=4)(small),
+        SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]])(small),
     )
     with pytest.raises(ValueError, match="flip_min_probability 1.2 is outside"):
         SlidingWindowPredictor(net, (32, 32, 32), flip_axes=[[2]], flip_min_probability=1.2)

@@ -15,9 +15,9 @@ import vtk  # noqa: E402
 from conftest import LIDC0001_NODULE_DIAMETER_MM, LIDC0001_NODULE_LPS, REPO, SAMPLE_CT, oblique_direction  # noqa: E402
 
 sys.path.insert(0, str(REPO / "LungNoduleAI"))
-from LungNoduleAILogic import LungNoduleAILogic  # noqa: E402
 from LungNoduleAILib.geometry import lps_to_ras  # noqa: E402
 from LungNoduleAILib.pipeline import Detector  # noqa: E402
+from LungNoduleAILogic import LungNoduleAILogic  # noqa: E402
 
 L = slicer.vtkSlicerSegmentationsModuleLogic
 NODULE_RAS = lps_to_ras(LIDC0001_NODULE_LPS)
@@ -312,9 +312,9 @@ def load_dicom_volume(scene, folder, info):
 
 
 def test_export_dicom_seg_and_sr_from_a_dicom_volume(scene, detector, tmp_path, sample_dicom):
-    from dicom_series import check_seg_matches_labels, dciodvfy_errors, sr_groups
-
     import pydicom
+
+    from dicom_series import check_seg_matches_labels, dciodvfy_errors, sr_groups
 
     folder, info = sample_dicom
     volume = load_dicom_volume(scene, folder, info)
@@ -338,7 +338,12 @@ def test_export_dicom_seg_and_sr_from_a_dicom_volume(scene, detector, tmp_path, 
     _grow_segment(logic, seg, ids[1], volume)
     out = tmp_path / "dicom"
     paths = logic.exportReviewed(seg, volume, str(out), formats=("dcm-seg", "dcm-sr", "nii.gz", "csv"), dicomSource=str(folder))
-    assert sorted(p.split("/")[-1] for p in paths) == ["Chest CT_reviewed_labels.nii.gz", "Chest CT_reviewed_nodules.csv", "Chest CT_reviewed_seg.dcm", "Chest CT_reviewed_sr.dcm"]
+    assert sorted(p.split("/")[-1] for p in paths) == [
+        "Chest CT_reviewed_labels.nii.gz",
+        "Chest CT_reviewed_nodules.csv",
+        "Chest CT_reviewed_seg.dcm",
+        "Chest CT_reviewed_sr.dcm",
+    ]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "Chest CT_reviewed_labels.nii.gz")))
     from LungNoduleAILib.imageio import read_ct
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from test_candidates import _spheres
 
 from conftest import oblique_direction
 from LungNoduleAILib.candidates import extract_candidates
@@ -26,7 +27,6 @@ from LungNoduleAILib.writers import (
     write_probability,
     write_segmentation,
 )
-from test_candidates import _spheres
 
 
 @pytest.fixture()

@@ -78,7 +78,15 @@ def test_cmake_lists_every_python_and_resource_file():
 
 def test_top_level_cmake_is_a_slicer_extension():
     cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
         assert re.search(rf"set\({key} \"[^\"]+\"\)", cmake), key
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake
     assert "add_subdirectory(LungNoduleAI)" in cmake

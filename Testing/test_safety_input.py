@@ -11,10 +11,10 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_cli import run_cli
 
 from conftest import SAMPLE_CT
 from LungNoduleAILib.imageio import read_ct
-from test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,9 @@ def test_nrrd_without_spacing_is_refused(tmp_path):
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_CT)))
     path = tmp_path / "nospacing.nrrd"
     with open(path, "wb") as f:
-        f.write(b"NRRD0004\ntype: short\ndimension: 3\n" + f"sizes: {arr.shape[2]} {arr.shape[1]} {arr.shape[0]}\n".encode() + b"endian: little\nencoding: raw\n\n")
+        f.write(
+            b"NRRD0004\ntype: short\ndimension: 3\n" + f"sizes: {arr.shape[2]} {arr.shape[1]} {arr.shape[0]}\n".encode() + b"endian: little\nencoding: raw\n\n"
+        )
         f.write(arr.astype("<i2").tobytes())
     assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="NRRD header gives no voxel spacing"):

@@ -17,14 +17,14 @@ import time
 
 import pytest
 import SimpleITK as sitk
+from test_cli import run_cli
+from test_evaluate import LUNA_HEADER, _result, cand
 
 from conftest import REPO, SAMPLE_CT
 from dicom_series import write_ct_series
 from LungNoduleAILib.export import read_segmentation
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.writers import write_segmentation_labelmap
-from test_cli import run_cli
-from test_evaluate import LUNA_HEADER, _result, cand
 
 SUFFIXES = ["_probability.nrrd", "_candidates.nrrd", ".seg.nrrd", "_nodules.csv", "_nodules.json"]
 
@@ -132,7 +132,11 @@ def test_output_location_failures_are_said_once_with_their_own_status(tmp_path, 
     out = tmp_path / "full"
     proc = subprocess.run(
         [sys.executable, "-m", "LungNoduleAILib.cli", "detect", str(SAMPLE_CT), "--output-dir", str(out), "--device", "cpu", "--model", str(tiny_model.path)],
-        capture_output=True, text=True, cwd=REPO, preexec_fn=small_disk, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        preexec_fn=small_disk,
+        timeout=300,
     )
     assert proc.returncode == 4, proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -191,10 +195,13 @@ def _damaged(reviewed_seg, tmp_path, key, value):
     return path
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("Segment0_Layer", "3", "(Segment0_Layer=3) is on a layer the file does not have (1 layer(s))"),
-    ("Segment0_LabelValue", "abc", "Segment0_LabelValue of segment"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("Segment0_Layer", "3", "(Segment0_Layer=3) is on a layer the file does not have (1 layer(s))"),
+        ("Segment0_LabelValue", "abc", "Segment0_LabelValue of segment"),
+    ],
+)
 def test_damaged_segmentation_files_are_refused_without_a_traceback(reviewed_seg, tmp_path, key, value, message):
     path = _damaged(reviewed_seg, tmp_path, key, value)
     proc = run_cli("export", path, "--ct", SAMPLE_CT, "-o", tmp_path / "x", "--include-pending")

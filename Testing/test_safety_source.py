@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_dicom_export import detected, review  # noqa: F401  (the DICOM sample and its detection)
 
 from conftest import REPO, SAMPLE_CT
 from dicom_series import write_ct_series
@@ -22,7 +23,6 @@ from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.provenance import SOURCE_HEADER_KEY, TAG_SOURCE_SERIES, TAG_SOURCE_SHA256
 from LungNoduleAILib.writers import write_segmentation_labelmap
-from test_dicom_export import detected, review  # noqa: F401  (the DICOM sample and its detection)
 
 OTHER_PATIENT = {"PatientName": "Other^Patient", "PatientID": "LNAI-OTHER-2", "PatientBirthDate": "19700101", "PatientSex": "M"}
 
@@ -154,8 +154,9 @@ def test_segments_of_two_cts_in_one_file_are_refused(nifti_run, tmp_path, capsys
 def logic_setup(bundled_model):
     slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed (make test installs it)")
     sys.path.insert(0, str(REPO / "LungNoduleAI"))
-    from LungNoduleAILogic import LungNoduleAILogic
     from test_logic import load_volume, save_and_reload
+
+    from LungNoduleAILogic import LungNoduleAILogic
 
     scene = slicer.vtkMRMLScene()
     logic = LungNoduleAILogic(scene)
@@ -226,6 +227,8 @@ def test_logic_does_not_import_results_of_other_voxels(logic_setup, tmp_path, bu
     sitk.WriteImage(other, str(tmp_path / "other.nrrd"))
     otherVolume = load_volume(scene, tmp_path / "other.nrrd", name="other")
     before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    with pytest.raises(ValueError, match="result set 'LIDC-IDRI-0001_sample_nodules.json' was made on another CT than volume 'other': voxel checksum.*Nothing was imported"):
+    with pytest.raises(
+        ValueError, match="result set 'LIDC-IDRI-0001_sample_nodules.json' was made on another CT than volume 'other': voxel checksum.*Nothing was imported"
+    ):
         logic.importResults(otherVolume, str(tmp_path / "run"))
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before

@@ -22,7 +22,9 @@ def few_cubes():
 
 @pytest.fixture(scope="module")
 def synthetic_cubes():
-    """Twelve CT-like 50-voxel cubes (noisy lung, a vessel, a soft-tissue nodule of 3-6 mm radius at the centre) from six series: runs without the shared data."""
+    """Twelve CT-like 50-voxel cubes (noisy lung, a vessel, a soft-tissue nodule of 3-6 mm radius at the centre) from six series: runs without the shared
+    data.
+    """
     from LungNoduleAILib.intensity import scale_intensity_uint8
     from LungNoduleAILib.training import TrainingData, nodule_context, validation_series
 
@@ -40,7 +42,16 @@ def synthetic_cubes():
         contexts.append(nodule_context(hu, sphere))
     series = np.array([f"1.2.3.{n // 2}" for n in range(12)])
     val = validation_series(series, 0.3, 0)
-    return TrainingData(np.stack(cubes), np.stack(masks), np.array([2.0 * (3 + n % 4) for n in range(12)]), series, np.array([s in val for s in series]), [], {"cubes": 12}, contexts=np.array(contexts, "U20"))
+    return TrainingData(
+        np.stack(cubes),
+        np.stack(masks),
+        np.array([2.0 * (3 + n % 4) for n in range(12)]),
+        series,
+        np.array([s in val for s in series]),
+        [],
+        {"cubes": 12},
+        contexts=np.array(contexts, "U20"),
+    )
 
 
 def test_split_is_by_series(few_cubes):
@@ -52,10 +63,10 @@ def test_split_is_by_series(few_cubes):
 def test_sampler_patches_contain_pasted_and_real_nodules(few_cubes):
     sampler = PatchSampler(few_cubes, 48, seed=0, lung_max_u8=91)
     patches = [sampler.sample() for _ in range(60)]
-    assert all(v.shape == (48, 48, 48) and l.shape == (48, 48, 48) for v, l in patches)
-    labelled = sum(1 for _, l in patches if l.any())
+    assert all(v.shape == (48, 48, 48) and lab.shape == (48, 48, 48) for v, lab in patches)
+    labelled = sum(1 for _, lab in patches if lab.any())
     assert 20 <= labelled <= 55  # both positives and negatives
-    assert all(set(np.unique(l)) <= {0, 1} for _, l in patches)
+    assert all(set(np.unique(lab)) <= {0, 1} for _, lab in patches)
 
 
 def test_erasing_a_juxtapleural_nodule_leaves_a_smooth_wall(synthetic_cubes):
@@ -124,7 +135,9 @@ def test_faint_pasting_lowers_nodule_contrast(synthetic_cubes):
 
 
 def test_fading_makes_real_nodules_faint_where_they_lie(synthetic_cubes):
-    """--fade-fraction: a nodule-cube crop shows its own nodule at 35-70 % of its contrast; the chest wall it leans on, the vessel and the lung around it stay as they were."""
+    """--fade-fraction: a nodule-cube crop shows its own nodule at 35-70 % of its contrast; the chest wall it leans on, the vessel and the lung around it
+    stay as they were.
+    """
     import dataclasses
 
     from scipy import ndimage
@@ -135,7 +148,7 @@ def test_fading_makes_real_nodules_faint_where_they_lie(synthetic_cubes):
     cubes = synthetic_cubes.cubes.copy()
     walls = 25 + 3 + np.arange(12) % 4 + 1
     for n in range(12):  # a chest wall that each nodule (centre x 25, radius 3-6) touches
-        cubes[n][:, :, walls[n]:] = wall_u8
+        cubes[n][:, :, walls[n] :] = wall_u8
     data = dataclasses.replace(synthetic_cubes, cubes=cubes)
     sampler = PatchSampler(data, 48, seed=3, lung_max_u8=91, mix=(1, 0, 0, 0), fade_fraction=1.0)
     ratios = []
@@ -143,7 +156,7 @@ def test_fading_makes_real_nodules_faint_where_they_lie(synthetic_cubes):
         cube, faded, mask = data.cubes[n].astype(float), sampler._fade(k).astype(float), data.masks[n] > 0
         lung_side = mask & (np.arange(50)[None, None, :] < 24)
         ratios.append((faded[lung_side].mean() - 27.0) / (cube[lung_side].mean() - 27.0))  # lung is about -850 HU = 27 of 255
-        assert (faded[:, :, walls[n]:] == wall_u8).all()  # no dent in the wall where the nodule meets it
+        assert (faded[:, :, walls[n] :] == wall_u8).all()  # no dent in the wall where the nodule meets it
         away = ~ndimage.binary_dilation(mask, iterations=4)
         np.testing.assert_array_equal(faded[away], cube[away])  # lung and vessel untouched
     assert 0.3 < min(ratios) and max(ratios) < 0.75 and max(ratios) - min(ratios) > 0.1
@@ -211,7 +224,9 @@ def test_size_balanced_weights_favour_small_nodules():
 
 
 def test_zoom_rescales_patch_and_label_together_about_the_centre():
-    """--zoom: a 16 mm sphere at the patch centre grows by the factor (voxels by its cube), stays centred and labelled where it is bright; the patch keeps its size."""
+    """--zoom: a 16 mm sphere at the patch centre grows by the factor (voxels by its cube), stays centred and labelled where it is bright; the patch
+    keeps its size.
+    """
     import torch
 
     from LungNoduleAILib.training.augment import augment_batch, zoom_batch
@@ -237,7 +252,9 @@ def test_zoom_rescales_patch_and_label_together_about_the_centre():
 
 
 def test_peak_loss_pushes_the_best_core_inside_each_labelled_patch():
-    """--peak-weight: -log sigmoid of the best 3-voxel core inside the labels, per labelled patch; low when a core is confident, high when none is; patches without labels add nothing."""
+    """--peak-weight: -log sigmoid of the best 3-voxel core inside the labels, per labelled patch; low when a core is confident, high when none is;
+    patches without labels add nothing.
+    """
     import torch
 
     from LungNoduleAILib.training.losses import peak_loss
@@ -353,7 +370,16 @@ def test_small_pack_keeps_what_training_needs(tmp_path, synthetic_cubes):
     lung = np.zeros_like(scan)
     lung[30:50, 20:60, 40:70] = 1
     marks = np.array([[40.0, 30.0, 50.0]], np.float32)
-    data = TrainingData(synthetic_cubes.cubes, synthetic_cubes.masks, synthetic_cubes.diameters_mm, synthetic_cubes.series, synthetic_cubes.is_val, [(scan, lung, marks)], dict(synthetic_cubes.meta), contexts=synthetic_cubes.contexts)
+    data = TrainingData(
+        synthetic_cubes.cubes,
+        synthetic_cubes.masks,
+        synthetic_cubes.diameters_mm,
+        synthetic_cubes.series,
+        synthetic_cubes.is_val,
+        [(scan, lung, marks)],
+        dict(synthetic_cubes.meta),
+        contexts=synthetic_cubes.contexts,
+    )
     save_pack(data, tmp_path / "full.npz")
     save_pack(data, tmp_path / "small.npz", bits=6, cube_size=48, scan_margin=10)
     assert (tmp_path / "small.npz").stat().st_size < 0.8 * (tmp_path / "full.npz").stat().st_size
@@ -393,7 +419,19 @@ def test_components_match_simpleitk():
 
 def test_train_saves_a_loadable_model_with_its_record(tmp_path, few_cubes):
     spec = ModelSpec(architecture=TINY)
-    record = train(few_cubes, tmp_path / "m.json", spec, steps=4, batch_size=2, patch=32, val_every=2, device="cpu", command="test", size_balance_voxels=100.0, wall_negative_weight=0.3)
+    record = train(
+        few_cubes,
+        tmp_path / "m.json",
+        spec,
+        steps=4,
+        batch_size=2,
+        patch=32,
+        val_every=2,
+        device="cpu",
+        command="test",
+        size_balance_voxels=100.0,
+        wall_negative_weight=0.3,
+    )
     assert record["loss"].endswith("nodule voxels weighted by clip(100/n, 1, 10), unlabelled voxels at the lung's wall weighted 0.3")
     assert record["wall_negative_weight"] == 0.3 and np.isfinite(record["best_validation"]["loss"])
     assert record["best_validation"]["val_cubes"] == int(few_cubes.is_val.sum())
@@ -466,13 +504,39 @@ def test_training_command_runs_under_torchrun_ddp(tmp_path, few_cubes):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "LungNoduleAILib.cli", "train", "--pack", str(tmp_path / "pack.npz"),
-         "--output", str(tmp_path / "ddp.json"), "--steps", "3", "--batch-size", "2", "--patch", "32", "--val-every", "3", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "LungNoduleAILib.cli",
+            "train",
+            "--pack",
+            str(tmp_path / "pack.npz"),
+            "--output",
+            str(tmp_path / "ddp.json"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--patch",
+            "32",
+            "--val-every",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     # on failure, show what each rank said, not only the launcher's summary of rank 0's traceback
     other_ranks = "\n".join(line for line in proc.stderr.splitlines() if not line.lstrip().startswith("[rank0]"))
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stderr without rank 0's lines:\n{other_ranks[-6000:]}\n--- stderr, end:\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, (
+        f"exit code {proc.returncode}\n--- stderr without rank 0's lines:\n{other_ranks[-6000:]}\n--- stderr, end:\n{proc.stderr[-2000:]}"
+    )
     meta = json.loads((tmp_path / "ddp.json").read_text())
     assert meta["training"]["world_size"] == 2
     load_model(tmp_path / "ddp.json", "cpu")

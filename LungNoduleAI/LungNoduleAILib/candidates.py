@@ -11,8 +11,16 @@ import SimpleITK as sitk
 
 from .geometry import lps_to_ras
 
-__all__ = ["Candidate", "extract_candidates",
-    "find_candidates", "split_at_necks", "measure_candidates", "longest_axial_diameter_mm", "restrict_to_lung", "relabel"]
+__all__ = [
+    "Candidate",
+    "extract_candidates",
+    "find_candidates",
+    "split_at_necks",
+    "measure_candidates",
+    "longest_axial_diameter_mm",
+    "restrict_to_lung",
+    "relabel",
+]
 
 
 @dataclass

@@ -23,7 +23,14 @@ EXIT_OUTPUT = 4
 """Exit status when the output location cannot be written (the input may be fine)."""
 
 # Rough share of each stage in a run, to turn stages into one fraction.
-_STAGE_SPAN = {"read": (0.0, 0.05), "preprocess": (0.05, 0.15), "lung mask": (0.15, 0.2), "inference": (0.2, 0.85), "candidates": (0.85, 0.93), "write": (0.93, 1.0)}
+_STAGE_SPAN = {
+    "read": (0.0, 0.05),
+    "preprocess": (0.05, 0.15),
+    "lung mask": (0.15, 0.2),
+    "inference": (0.2, 0.85),
+    "candidates": (0.85, 0.93),
+    "write": (0.93, 1.0),
+}
 
 
 class _Progress:
@@ -52,7 +59,16 @@ class _Progress:
             now = time.monotonic()
             if now - self.last_line >= 0.2 or done == total:
                 self.last_line = now
-                msg = {"input": self.index, "inputs": self.inputs, "name": self.name, "stage": stage, "done": done, "total": total, "fraction": round(frac, 4), "elapsed_s": round(now - self.start, 2)}
+                msg = {
+                    "input": self.index,
+                    "inputs": self.inputs,
+                    "name": self.name,
+                    "stage": stage,
+                    "done": done,
+                    "total": total,
+                    "fraction": round(frac, 4),
+                    "elapsed_s": round(now - self.start, 2),
+                }
                 emit("progress", msg)
         elif self.bar is not None:
             self.bar.n = int(frac * 100)
@@ -86,39 +102,150 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (under torchrun each rank takes its local GPU)")
     p.add_argument("--val-every", type=int, default=250, help="validate every N steps")
     p.add_argument("--init", default=None, help="start from this model's weights (JSON or .pt path)")
-    p.add_argument("--mine-hard-negatives", action="store_true", help="before training, record where the (--init) model fires wrongly in the training cubes and scans and sample patches there")
-    p.add_argument("--mine-with", default=None, help="with --mine-hard-negatives: mine with this model (JSON) instead of --init, e.g. to train afresh on the bundled model's mistakes")
-    p.add_argument("--mine-threshold", type=float, default=0.3, help="probability above which a response off any nodule counts as a hard negative (default: %(default)s)")
-    p.add_argument("--attached-weight", type=float, default=1.0, help="draw real nodules that touch the pleura or a vessel this many times as often (default: %(default)s)")
+    p.add_argument(
+        "--mine-hard-negatives",
+        action="store_true",
+        help="before training, record where the (--init) model fires wrongly in the training cubes and scans and sample patches there",
+    )
+    p.add_argument(
+        "--mine-with",
+        default=None,
+        help="with --mine-hard-negatives: mine with this model (JSON) instead of --init, e.g. to train afresh on the bundled model's mistakes",
+    )
+    p.add_argument(
+        "--mine-threshold", type=float, default=0.3, help="probability above which a response off any nodule counts as a hard negative (default: %(default)s)"
+    )
+    p.add_argument(
+        "--attached-weight", type=float, default=1.0, help="draw real nodules that touch the pleura or a vessel this many times as often (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--mix", default="0.3,0.25,0.15,0.3", help="fractions of nodule-cube crops, pasted nodules, nodule-free cubes and full-scan lung patches (default: %(default)s)")
-    p.add_argument("--faint-fraction", type=float, default=0.0, help="fraction of pasted nodules made faint (35-70 %% of their contrast, like ground-glass nodules; default: %(default)s)")
-    p.add_argument("--pleural-fraction", type=float, default=0.0, help="fraction of pasted nodules placed against the chest wall, mediastinum or diaphragm, their masks cut at the wall (juxtapleural; default: %(default)s)")
-    p.add_argument("--fade-fraction", type=float, default=0.0, help="fraction of real nodule-cube crops whose nodules are faded in place to 35-70 %% of their contrast: faint nodules against their own pleura and vessels (default: %(default)s)")
-    p.add_argument("--zoom", type=float, default=0.0, help="rescale half of the batches about their centre by a random factor in [1/(1+Z), 1+Z], e.g. 0.25 for 0.8-1.25 (default: %(default)s = off)")
-    p.add_argument("--peak-weight", type=float, default=0.0, help="add this times -log sigmoid(best 3 mm core inside the labels) per labelled patch to the loss, so that every nodule gets a core above threshold (default: %(default)s = off)")
-    p.add_argument("--background-peak-weight", type=float, default=0.0, help="add this times -log(1 - sigmoid(best 3 mm core over 3 mm from the labels)) per patch to the loss, so that each patch's most confident false candidate is pushed down (default: %(default)s = off)")
+    _add_train_recipe(p)
+
+
+def _add_train_recipe(p) -> None:
+    """The ``train`` options of the recipe: what the batches hold, the loss terms, how the checkpoint is chosen (:class:`.training.TrainConfig`)."""
+    p.add_argument(
+        "--mix",
+        default="0.3,0.25,0.15,0.3",
+        help="fractions of nodule-cube crops, pasted nodules, nodule-free cubes and full-scan lung patches (default: %(default)s)",
+    )
+    p.add_argument(
+        "--faint-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of pasted nodules made faint (35-70 %% of their contrast, like ground-glass nodules; default: %(default)s)",
+    )
+    p.add_argument(
+        "--pleural-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of pasted nodules placed against the chest wall, mediastinum or diaphragm, their masks cut at the wall (juxtapleural; default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--fade-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of real nodule-cube crops whose nodules are faded in place to 35-70 %% of their contrast: faint nodules against their own pleura and "
+        "vessels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--zoom",
+        type=float,
+        default=0.0,
+        help="rescale half of the batches about their centre by a random factor in [1/(1+Z), 1+Z], e.g. 0.25 for 0.8-1.25 (default: %(default)s = off)",
+    )
+    p.add_argument(
+        "--peak-weight",
+        type=float,
+        default=0.0,
+        help="add this times -log sigmoid(best 3 mm core inside the labels) per labelled patch to the loss, so that every nodule gets a core above "
+        "threshold (default: %(default)s = off)",
+    )
+    p.add_argument(
+        "--background-peak-weight",
+        type=float,
+        default=0.0,
+        help="add this times -log(1 - sigmoid(best 3 mm core over 3 mm from the labels)) per patch to the loss, so that each patch's most confident false "
+        "candidate is pushed down (default: %(default)s = off)",
+    )
     p.add_argument("--small-weight", type=float, default=2.0, help="draw nodules under 6 mm this many times as often (default: %(default)s)")
-    p.add_argument("--missed-weight", type=float, default=1.0, help="with --mine-hard-negatives: draw the training nodules that the mining model does not find at the model's threshold this many times as often (hard positives; default: %(default)s)")
-    p.add_argument("--wall-negative-weight", type=float, default=1.0, help="weight (0-1) of the unlabelled voxels where lung meets chest wall, mediastinum or diaphragm, so that negatives press less on juxtapleural nodules (default: %(default)s = as any voxel)")
-    p.add_argument("--wall-near-nodule", type=int, default=0, metavar="VOXELS", help="with --wall-negative-weight: lighten only the wall within this many voxels (1 mm) of a labelled nodule; the rest of the pleura keeps full weight (default: %(default)s = the whole wall)")
-    p.add_argument("--faint-weight", type=float, default=1.0, help="draw faint nodules (mean below -450 HU in their mask: ground-glass, part-solid, small and blurred) this many times as often (default: %(default)s)")
-    p.add_argument("--save-last", action="store_true", help="also save the last step's weights as <output>_last.json/.pt (e.g. to average several runs with 'lungnoduleai average')")
-    p.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the weights with this decay per step, e.g. 0.998 (default: %(default)s = off)")
-    p.add_argument("--size-balance", type=float, default=0.0, metavar="VOXELS",
-                   help="weigh the labelled voxels of a patch with n of them VOXELS/n times (1-10x) in the cross-entropy, so small nodules count more; e.g. 500, a 10 mm nodule (default: %(default)s = off)")
+    p.add_argument(
+        "--missed-weight",
+        type=float,
+        default=1.0,
+        help="with --mine-hard-negatives: draw the training nodules that the mining model does not find at the model's threshold this many times as often "
+        "(hard positives; default: %(default)s)",
+    )
+    p.add_argument(
+        "--wall-negative-weight",
+        type=float,
+        default=1.0,
+        help="weight (0-1) of the unlabelled voxels where lung meets chest wall, mediastinum or diaphragm, so that negatives press less on juxtapleural "
+        "nodules (default: %(default)s = as any voxel)",
+    )
+    p.add_argument(
+        "--wall-near-nodule",
+        type=int,
+        default=0,
+        metavar="VOXELS",
+        help="with --wall-negative-weight: lighten only the wall within this many voxels (1 mm) of a labelled nodule; the rest of the pleura keeps full "
+        "weight (default: %(default)s = the whole wall)",
+    )
+    p.add_argument(
+        "--faint-weight",
+        type=float,
+        default=1.0,
+        help="draw faint nodules (mean below -450 HU in their mask: ground-glass, part-solid, small and blurred) this many times as often (default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--save-last",
+        action="store_true",
+        help="also save the last step's weights as <output>_last.json/.pt (e.g. to average several runs with 'lungnoduleai average')",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="validate and save an exponential moving average of the weights with this decay per step, e.g. 0.998 (default: %(default)s = off)",
+    )
+    p.add_argument(
+        "--size-balance",
+        type=float,
+        default=0.0,
+        metavar="VOXELS",
+        help="weigh the labelled voxels of a patch with n of them VOXELS/n times (1-10x) in the cross-entropy, so small nodules count more; e.g. 500, a 10 "
+        "mm nodule (default: %(default)s = off)",
+    )
     p.add_argument("--fp-weight", type=float, default=0.05, help="checkpoint choice: weight of other candidates per validation cube (default: %(default)s)")
-    p.add_argument("--scan-fp-weight", type=float, default=0.0, help="checkpoint choice: weight of each false response in the training scans' lungs (counted at each validation when > 0; default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="processes drawing training patches (Linux; e.g. 8 to keep a GPU busy; default: %(default)s = in this process)")
+    p.add_argument(
+        "--scan-fp-weight",
+        type=float,
+        default=0.0,
+        help="checkpoint choice: weight of each false response in the training scans' lungs (counted at each validation when > 0; default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes drawing training patches (Linux; e.g. 8 to keep a GPU busy; default: %(default)s = in this process)"
+    )
 
 
 def _add_pack(sub) -> None:
-    p = sub.add_parser("pack", help="write a compact training data pack (.npz)", description="Prepare cubes and scans at the model's spacing as uint8 and save them compressed, e.g. to train on a GPU machine.")
+    p = sub.add_parser(
+        "pack",
+        help="write a compact training data pack (.npz)",
+        description="Prepare cubes and scans at the model's spacing as uint8 and save them compressed, e.g. to train on a GPU machine.",
+    )
     p.add_argument("--data-dir", required=True)
     p.add_argument("--output", required=True, help=".npz path")
     p.add_argument("--scans", default="LIDC-IDRI-0002")
     p.add_argument("--seed", type=int, default=0, help="validation split seed")
-    p.add_argument("--bits", type=int, default=8, help="intensity bits kept, 1-8 (8 = lossless; CT noise fills the low bits, so 6 or 7 make a pack much smaller; default: %(default)s)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        help="intensity bits kept, 1-8 (8 = lossless; CT noise fills the low bits, so 6 or 7 make a pack much smaller; default: %(default)s)",
+    )
     p.add_argument("--cube-size", type=int, default=None, help="crop the 50-voxel nodule cubes centrally to this size (>= the training patch)")
     p.add_argument("--scan-margin", type=int, default=None, help="crop scans to the lungs' bounding box plus this many voxels (>= half the training patch)")
 
@@ -162,17 +289,27 @@ def _add_detect(sub) -> None:
 
 
 def _add_common_detect(p) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs; auto = CUDA when available (default: %(default)s)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs; auto = CUDA when available (default: %(default)s)"
+    )
     p.add_argument("--threshold", type=float, default=None, help="probability threshold for candidates (default: the model's)")
     p.add_argument("--model", default=None, help="model metadata .json (default: the bundled model)")
     p.add_argument("--no-lung-mask", action="store_true", help="search the whole volume instead of the lungs' bounding box")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--png", action="store_true", help="also write <name>_overview.png")
-    p.add_argument("--progress-lines", action="store_true", help=f"print machine-readable progress lines ('{EVENT_PREFIXES['progress'].strip()} {{json}}') instead of a progress bar")
+    p.add_argument(
+        "--progress-lines",
+        action="store_true",
+        help=f"print machine-readable progress lines ('{EVENT_PREFIXES['progress'].strip()} {{json}}') instead of a progress bar",
+    )
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run detection on the bundled sample CT", description="Detect nodules in the sample chest CT that ships with LungNoduleAI and write all outputs (with the overview PNG).")
+    p = sub.add_parser(
+        "demo",
+        help="run detection on the bundled sample CT",
+        description="Detect nodules in the sample chest CT that ships with LungNoduleAI and write all outputs (with the overview PNG).",
+    )
     p.add_argument("-o", "--output-dir", default="demo-output", help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--keep", action="store_true", help="keep existing outputs (default: replace them)")
@@ -212,7 +349,9 @@ def _add_export(sub) -> None:
     p.add_argument("-o", "--output-dir", required=True, help="folder for the files (created if missing)")
     p.add_argument("--formats", default=None, help="comma-separated, any of seg.nrrd,nii.gz,csv,json,dcm-seg,dcm-sr (default: all that the CT allows)")
     p.add_argument("--include-pending", action="store_true", help="also export segments not yet reviewed or flagged (rejected ones never)")
-    p.add_argument("--probability", metavar="FILE", help="the detection's _probability.nrrd: write a fractional (probability) DICOM SEG instead of a binary one")
+    p.add_argument(
+        "--probability", metavar="FILE", help="the detection's _probability.nrrd: write a fractional (probability) DICOM SEG instead of a binary one"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
@@ -288,7 +427,13 @@ def _detect_inputs(detector, args, inputs, png, overwrite, lines) -> int:
         progress.begin(i, Path(path).name)
         try:
             result = detector.detect_to_files(
-                path, args.output_dir, args.threshold, not getattr(args, "no_lung_mask", False), overwrite, png, progress,
+                path,
+                args.output_dir,
+                args.threshold,
+                not getattr(args, "no_lung_mask", False),
+                overwrite,
+                png,
+                progress,
             )
         except KeyboardInterrupt:
             progress.end()
@@ -385,9 +530,14 @@ def _evaluate_into(args, output) -> int:
                 with open(args.series_map, newline="", encoding="utf-8") as f:
                     reader = _csv.DictReader(f)
                     if not {"case", "seriesuid"} <= set(reader.fieldnames or []):
-                        raise ValueError(f"--series-map '{args.series_map}' has columns {reader.fieldnames}; it needs case,seriesuid (a result's input name, its series UID).")
+                        raise ValueError(
+                            f"--series-map '{args.series_map}' has columns {reader.fieldnames}; it needs case,seriesuid (a result's input name, its series "
+                            "UID)."
+                        )
                     names = {r["case"]: r["seriesuid"] for r in reader}
-            scans, notes = scans_from_references(results, read_reference_csv(args.annotations), read_reference_csv(args.excluded) if args.excluded else None, names)
+            scans, notes = scans_from_references(
+                results, read_reference_csv(args.annotations), read_reference_csv(args.excluded) if args.excluded else None, names
+            )
         threshold = args.threshold if args.threshold is not None else float(next(iter(results.values())).get("threshold", 0.5))
         ev = evaluate(scans, threshold, args.bootstrap)
     except (ValueError, OSError, KeyError) as exc:
@@ -404,7 +554,10 @@ def _evaluate_into(args, output) -> int:
     print("FP/scan     " + "  ".join(f"{r:>6g}" for r in ev.sensitivity_at))
     print("sensitivity " + "  ".join(f"{v:6.3f}" for v in ev.sensitivity_at.values()))
     op = ev.operating_point
-    print(f"at p >= {threshold:g}: sensitivity {op['sensitivity']:.3f}, {op['fp_per_scan']:.2f} FP/scan, precision {op['precision']:.3f}, recall {op['recall']:.3f}, F1 {op['f1']:.3f}")
+    print(
+        f"at p >= {threshold:g}: sensitivity {op['sensitivity']:.3f}, {op['fp_per_scan']:.2f} FP/scan, precision {op['precision']:.3f}, recall "
+        f"{op['recall']:.3f}, F1 {op['f1']:.3f}"
+    )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -497,7 +650,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with trained and averaged models
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"detect": _run_detect, "demo": _run_demo, "evaluate": _run_evaluate, "export": _run_export, "train": _run_train, "pack": _run_pack, "average": _run_average}
+    handlers = {
+        "detect": _run_detect,
+        "demo": _run_demo,
+        "evaluate": _run_evaluate,
+        "export": _run_export,
+        "train": _run_train,
+        "pack": _run_pack,
+        "average": _run_average,
+    }
     return handlers[args.command](args)
 
 

@@ -175,7 +175,9 @@ def masks_on_source_slices(
             spans.append(None)
             continue
         size = crop.GetSize()
-        corners = np.array([crop.TransformContinuousIndexToPhysicalPoint((a - 0.5, b - 0.5, c - 0.5)) for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])])
+        corners = np.array(
+            [crop.TransformContinuousIndexToPhysicalPoint((a - 0.5, b - 0.5, c - 0.5)) for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])]
+        )
         proj = corners @ normal
         spans.append((proj.min() - 1e-3, proj.max() + 1e-3))
     frames: list[int] = []
@@ -278,7 +280,20 @@ def make_dicom_seg(
     with warnings.catch_warnings():
         # names copied from the source such as "Anonymous" make highdicom warn; they are the hospital's, kept as they are
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        return _segmentation(hd, sources, masks, descriptions, series_number, model_name, software_version, content_creator, orientation, positions, measures, probability is not None)
+        return _segmentation(
+            hd,
+            sources,
+            masks,
+            descriptions,
+            series_number,
+            model_name,
+            software_version,
+            content_creator,
+            orientation,
+            positions,
+            measures,
+            probability is not None,
+        )
 
 
 def _segmentation(hd, sources, masks, descriptions, series_number, model_name, software_version, content_creator, orientation, positions, measures, fractional):
@@ -354,7 +369,9 @@ def make_dicom_sr(
     )
     person = None
     if observer:
-        person = hd.sr.ObserverContext(observer_type=codes.DCM.Person, observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=_person_name(observer)))
+        person = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person, observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=_person_name(observer))
+        )
     context = hd.sr.ObservationContext(observer_person_context=person, observer_device_context=device)
     algorithm = hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64])
     groups = []

@@ -26,7 +26,21 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LidcMark", "lidc_reader_marks", "lidc_excluded_findings", "write_reference_csv", "Finding", "ScanResult", "match_scan", "froc", "evaluate", "Evaluation", "read_reference_csv", "read_results", "FP_RATES"]
+__all__ = [
+    "LidcMark",
+    "lidc_reader_marks",
+    "lidc_excluded_findings",
+    "write_reference_csv",
+    "Finding",
+    "ScanResult",
+    "match_scan",
+    "froc",
+    "evaluate",
+    "Evaluation",
+    "read_reference_csv",
+    "read_results",
+    "FP_RATES",
+]
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -216,9 +230,8 @@ def evaluate(scans: Sequence[ScanResult], threshold: float, bootstrap: int = 100
     (a hit nodule is a true positive, a missed nodule a false negative, a
     false positive candidate a false positive).
     """
-    from sklearn.metrics import precision_recall_fscore_support
-
     from monai.metrics import compute_froc_score
+    from sklearn.metrics import precision_recall_fscore_support
 
     fps, sens, cpm = froc(scans)
     sensitivity_at = {r: float(np.interp(r, fps[::-1], sens[::-1])) for r in FP_RATES}
@@ -294,9 +307,19 @@ def read_results(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
         try:
             report = json.loads(f.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"Result '{f}' is not JSON ({exc}): give the *_nodules.json files that 'lungnoduleai detect' wrote, not its CSV or images.") from None
-        if not isinstance(report, dict) or not isinstance(report.get("input"), dict) or "name" not in report["input"] or not isinstance(report.get("candidates"), list):
-            raise ValueError(f"Result '{f}' is JSON but not a detection result (it needs 'input' with a 'name' and a 'candidates' list): give the *_nodules.json files that 'lungnoduleai detect' wrote.")
+            raise ValueError(
+                f"Result '{f}' is not JSON ({exc}): give the *_nodules.json files that 'lungnoduleai detect' wrote, not its CSV or images."
+            ) from None
+        if (
+            not isinstance(report, dict)
+            or not isinstance(report.get("input"), dict)
+            or "name" not in report["input"]
+            or not isinstance(report.get("candidates"), list)
+        ):
+            raise ValueError(
+                f"Result '{f}' is JSON but not a detection result (it needs 'input' with a 'name' and a 'candidates' list): give the *_nodules.json files "
+                "that 'lungnoduleai detect' wrote."
+            )
         report["_file"] = str(f)
         key = report["input"].get("series_uid") or report["input"]["name"]
         if key in out:
@@ -350,7 +373,9 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
         reader = csv.DictReader(f)
         missing = {"image", "diameter_mm"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"'{cubes_csv}' lacks column(s) {sorted(missing)}: a cubes CSV has image,mask,seriesuid,diameter_mm (as shared/data/cubes/cubes.csv).")
+            raise ValueError(
+                f"'{cubes_csv}' lacks column(s) {sorted(missing)}: a cubes CSV has image,mask,seriesuid,diameter_mm (as shared/data/cubes/cubes.csv)."
+            )
         for row in reader:
             try:
                 diameter = float(row["diameter_mm"])
@@ -358,7 +383,9 @@ def scans_from_cubes(results: dict[str, dict], cubes_csv: str | os.PathLike) -> 
                     raise ValueError
                 rows[Path(row["image"]).name.split(".")[0]] = (diameter, row.get("seriesuid") or "")
             except (TypeError, ValueError):
-                raise ValueError(f"'{cubes_csv}' line {reader.line_num}: diameter_mm must be a positive finite number (mm), got {row.get('diameter_mm')!r}.") from None
+                raise ValueError(
+                    f"'{cubes_csv}' line {reader.line_num}: diameter_mm must be a positive finite number (mm), got {row.get('diameter_mm')!r}."
+                ) from None
     cubes, notes = [], []
     for key, report in results.items():
         name = report["input"]["name"]

@@ -32,8 +32,8 @@ from .review import (
     TAG_PROBABILITY,
     TAG_RANK,
     TAG_REVIEW,
-    TAG_REVIEWER,
     TAG_REVIEW_TIME,
+    TAG_REVIEWER,
     TAG_TRACKING_UID,
     algorithm_type,
     review_status,
@@ -77,6 +77,7 @@ _SUFFIXES = {
     "dcm-seg": "_reviewed_seg.dcm",
     "dcm-sr": "_reviewed_sr.dcm",
 }
+
 
 class OptionError(ValueError):
     """A bad export option (unknown format, DICOM formats without DICOM): the command line's fault, exit status 2."""
@@ -172,6 +173,7 @@ def read_segmentation(path: str | os.PathLike) -> SegmentationFile:
     segments = []
     i = 0
     while f"Segment{i}_ID" in keys or f"Segment{i}_Name" in keys:
+
         def get(name, default=""):
             key = f"Segment{i}_{name}"
             return img.GetMetaData(key) if key in keys else default
@@ -187,13 +189,24 @@ def read_segmentation(path: str | os.PathLike) -> SegmentationFile:
             try:
                 numbers[key] = int(text)
             except ValueError:
-                raise ValueError(f"'{p}': Segment{i}_{key} of segment '{name}' is '{text}', not a whole number: the file is damaged. Save it again from Slicer.") from None
+                raise ValueError(
+                    f"'{p}': Segment{i}_{key} of segment '{name}' is '{text}', not a whole number: the file is damaged. Save it again from Slicer."
+                ) from None
         if not 0 <= numbers["Layer"] < len(layers):
             raise ValueError(
                 f"'{p}': segment '{name}' (Segment{i}_Layer={numbers['Layer']}) is on a layer the file does not have ({len(layers)} layer(s)): "
                 "the file is damaged. Save it again from Slicer."
             )
-        segments.append({"id": get("ID", f"Segment_{i + 1}"), "name": name, "color": color, "layer": numbers["Layer"], "label": numbers["LabelValue"], "tags": _parse_tags(get("Tags", ""))})
+        segments.append(
+            {
+                "id": get("ID", f"Segment_{i + 1}"),
+                "name": name,
+                "color": color,
+                "layer": numbers["Layer"],
+                "label": numbers["LabelValue"],
+                "tags": _parse_tags(get("Tags", "")),
+            }
+        )
         i += 1
     source = header_identity(img.GetMetaData(SOURCE_HEADER_KEY) if SOURCE_HEADER_KEY in keys else None)
     return SegmentationFile(layers=layers, segments=segments, extent_offset=offset, source=source)
@@ -386,9 +399,7 @@ def write_reviewed(
                 "probability": prob if prob is not None else 0.0,
             }
         )
-        export_segments.append(
-            ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**m.to_dict(), "probability": prob}, tuple(seg.color))
-        )
+        export_segments.append(ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**m.to_dict(), "probability": prob}, tuple(seg.color)))
     fmt, first = next(iter(targets.items()))
     name = first.name[: -len(_SUFFIXES[fmt])] + "_reviewed"  # the set's name whatever formats were asked: one lock for one export
     with OutputSet(targets, overwrite, name=name, source=source_key(ct.identity()), what="export folder ") as out:
@@ -402,7 +413,10 @@ def write_reviewed(
                 write_candidates_csv([Candidate.from_dict(r) for r in records], out.tmp("csv"))
             if "json" in targets:
                 exported = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                write_json({**header, "model": {"name": model[0], "version": model[1]}, "exported": exported, "left_out": left_out, "nodules": records}, out.tmp("json"))
+                write_json(
+                    {**header, "model": {"name": model[0], "version": model[1]}, "exported": exported, "left_out": left_out, "nodules": records},
+                    out.tmp("json"),
+                )
             reviewers = [r["reviewer"] for r in records if r["reviewer"]]
             write_dicom_outputs(targets, out.dir, [labels], export_segments, ct, model, probability, reviewers[0] if reviewers else None)
         except (OSError, RuntimeError) as exc:
@@ -525,7 +539,9 @@ class FileFront(ReviewFront):
 
     def labels(self, chosen: Sequence[int]) -> sitk.Image:
         seg_file, ct = self.seg_file, self.ct.image
-        outside = [seg_file.segments[i]["name"] for i in chosen if (box := seg_file.bbox(i)) is not None and not segment_inside(seg_file.index_to_lps(), box, ct)]
+        outside = [
+            seg_file.segments[i]["name"] for i in chosen if (box := seg_file.bbox(i)) is not None and not segment_inside(seg_file.index_to_lps(), box, ct)
+        ]
         if outside:
             raise ValueError(
                 f"Segment(s) {', '.join(outside)} reach outside the CT given: their voxels would be cut and their measurements wrong. "

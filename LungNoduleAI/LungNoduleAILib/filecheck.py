@@ -126,7 +126,9 @@ def _check_nifti(path: Path) -> None:
             f"({100.0 * got / expected:.1f} %); the missing voxels would be read as 0 HU. Copy or export the CT again."
         )
     if nans:
-        raise ValueError(f"'{path}' contains NaN values ({nans} voxels); a CT in HU is needed. Replace them (e.g. with -1000 HU outside the body) or re-export the CT.")
+        raise ValueError(
+            f"'{path}' contains NaN values ({nans} voxels); a CT in HU is needed. Replace them (e.g. with -1000 HU outside the body) or re-export the CT."
+        )
 
 
 def _read_voxels(stream, head: bytes, vox_offset: int, expected: int, dtype) -> tuple[int, int]:

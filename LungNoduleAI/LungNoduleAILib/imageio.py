@@ -152,9 +152,7 @@ def validate_ct(image: sitk.Image, source: str = "input") -> None:
         ValueError: naming the offending values and what to do.
     """
     if image.GetDimension() != 3:
-        raise ValueError(
-            f"{source}: image is {image.GetDimension()}-D (size {list(image.GetSize())}); a 3-D CT volume is needed."
-        )
+        raise ValueError(f"{source}: image is {image.GetDimension()}-D (size {list(image.GetSize())}); a 3-D CT volume is needed.")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{source}: image has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector image); "

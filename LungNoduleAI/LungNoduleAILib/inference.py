@@ -79,7 +79,9 @@ class SlidingWindowPredictor:
             if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
                 raise ValueError(f"Test-time flip axes {list(axes)} are not valid: give distinct spatial axes among 0 (z), 1 (y), 2 (x).")
         if flip_min_probability is not None and not 0.5 <= flip_min_probability < 1.0:
-            raise ValueError(f"flip_min_probability {flip_min_probability} is outside [0.5, 1): give the plain-pass probability a region must reach to be flipped, e.g. 0.8.")
+            raise ValueError(
+                f"flip_min_probability {flip_min_probability} is outside [0.5, 1): give the plain-pass probability a region must reach to be flipped, e.g. 0.8."
+            )
         self.flip_min_probability = flip_min_probability
         self.flip_context = int(flip_context)
 
@@ -146,7 +148,9 @@ class SlidingWindowPredictor:
         return np.ascontiguousarray(prob[tuple(slice(a, a + s) for (a, _), s in zip(pads, crop.shape))], dtype=np.float32)
 
     def _mean_of_passes(self, x, flip_axes: Sequence[Sequence[int]], plain_pass: bool):
-        """Mean probability ``(B, 1, z, y, x)`` over the plain pass on ``x`` (when ``plain_pass``) and the passes flipped along each of ``flip_axes`` (flipped back)."""
+        """Mean probability ``(B, 1, z, y, x)`` over the plain pass on ``x`` (when ``plain_pass``) and the passes flipped along each of ``flip_axes``
+        (flipped back).
+        """
         import torch
 
         prob = torch.sigmoid(self.network(x).float()) if plain_pass else torch.zeros(x.shape, device=x.device)
@@ -156,7 +160,12 @@ class SlidingWindowPredictor:
         return prob / (int(plain_pass) + len(flip_axes))
 
     def _windows(
-        self, volume: np.ndarray, flip_axes: Sequence[Sequence[int]], progress: ProgressCallback | None, should_cancel: CancelCallback | None, plain_pass: bool = True
+        self,
+        volume: np.ndarray,
+        flip_axes: Sequence[Sequence[int]],
+        progress: ProgressCallback | None,
+        should_cancel: CancelCallback | None,
+        plain_pass: bool = True,
     ) -> np.ndarray:
         """Sliding-window mean of the plain pass (``plain_pass``) and the passes flipped along each of ``flip_axes``."""
         import torch
@@ -217,4 +226,6 @@ def sliding_window_probability(
     flip_context: int = 24,
 ) -> np.ndarray:
     """Function form of :class:`SlidingWindowPredictor` (same arguments, same result)."""
-    return SlidingWindowPredictor(network, roi_size, overlap, device, sw_batch_size, flip_axes, flip_min_probability, flip_context)(volume, progress, should_cancel)
+    return SlidingWindowPredictor(network, roi_size, overlap, device, sw_batch_size, flip_axes, flip_min_probability, flip_context)(
+        volume, progress, should_cancel
+    )

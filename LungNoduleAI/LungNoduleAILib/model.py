@@ -274,7 +274,9 @@ def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, ve
     first = states[0]
     for path, spec, state in zip(paths[1:], specs[1:], states[1:]):
         if spec.architecture != specs[0].architecture:
-            raise ValueError(f"'{path}' has architecture {spec.architecture}, '{paths[0]}' has {specs[0].architecture}: only models of one architecture can be averaged.")
+            raise ValueError(
+                f"'{path}' has architecture {spec.architecture}, '{paths[0]}' has {specs[0].architecture}: only models of one architecture can be averaged."
+            )
         if state.keys() != first.keys() or any(state[k].shape != first[k].shape for k in first):
             raise ValueError(f"The weights of '{path}' do not match those of '{paths[0]}' tensor for tensor: only models of one architecture can be averaged.")
     averaged = {k: (sum(s[k] for s in states) / len(states)) if v.is_floating_point() else v for k, v in first.items()}
@@ -284,7 +286,8 @@ def average_models(paths: list[str | os.PathLike], output: str | os.PathLike, ve
         "method": "uniform average of the weights (and batch-norm statistics) of the models below",
         "command": command,
         "ingredients": [
-            {"model": str(Path(p)), "version": s.version, "sha256": sha, "training": compact_training_record(s.training)} for p, s, sha in zip(paths, specs, shas)
+            {"model": str(Path(p)), "version": s.version, "sha256": sha, "training": compact_training_record(s.training)}
+            for p, s, sha in zip(paths, specs, shas)
         ],
     }
     return save_model(net, replace(specs[0], version=version or specs[0].version, training=record), output)

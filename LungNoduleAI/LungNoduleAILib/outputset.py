@@ -217,7 +217,13 @@ class OutputSet:
         self.lock = path
 
     def _write_lock(self) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "source": self.source, "targets": [p.name for p in self.targets.values()], "tmp": self.dir.name}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "source": self.source,
+            "targets": [p.name for p in self.targets.values()],
+            "tmp": self.dir.name,
+        }
         self.lock.write_text(json.dumps(info), encoding="utf-8")
 
     def tmp(self, kind: str) -> Path:

@@ -25,13 +25,13 @@ from .candidates import Candidate, find_candidates, lung_mask_on_grid
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model, read_model_spec
-from .preprocess import lung_crop, orient_lps, resample_to_spacing, scale_intensity
 from .outputset import choose_output_name, output_error, source_key
+from .preprocess import lung_crop, orient_lps, resample_to_spacing, scale_intensity
 from .writers import (
     PROBABILITY_SCALE,
     OutputSet,
-    quantize_probability,
     output_paths,
+    quantize_probability,
     write_candidates_csv,
     write_json,
     write_labelmap,

@@ -46,7 +46,12 @@ __all__ = [
 ]
 
 SOURCE_HEADER_KEY = "LungNoduleAI.Source"
-UID_FIELDS = (("patient_id", "PatientID"), ("study_uid", "StudyInstanceUID"), ("series_uid", "SeriesInstanceUID"), ("frame_of_reference_uid", "FrameOfReferenceUID"))
+UID_FIELDS = (
+    ("patient_id", "PatientID"),
+    ("study_uid", "StudyInstanceUID"),
+    ("series_uid", "SeriesInstanceUID"),
+    ("frame_of_reference_uid", "FrameOfReferenceUID"),
+)
 """Identity keys of a DICOM source and their DICOM names, in the order a mismatch is reported."""
 _GRID_KEYS = ("size_ijk", "spacing_mm", "origin_lps_mm", "direction")
 _TOL_MM = 1e-3
@@ -94,9 +99,7 @@ def source_identity(image: sitk.Image, dicom=None, series_uid: str | None = None
 
 
 def _format_grid(identity: dict) -> str:
-    return " ".join(
-        [key.split("_")[0] + " " + " ".join(repr(float(v)) if key != "size_ijk" else str(int(v)) for v in identity[key]) for key in _GRID_KEYS]
-    )
+    return " ".join([key.split("_")[0] + " " + " ".join(repr(float(v)) if key != "size_ijk" else str(int(v)) for v in identity[key]) for key in _GRID_KEYS])
 
 
 def _parse_grid(text: str) -> dict | None:
@@ -139,7 +142,7 @@ def identity_from_tags(tag_dicts: Iterable[dict], what: str = "The segmentation"
     if len(found) > 1:
         listed = "; ".join(f"{n} segment(s) from series {k[0] or '(not DICOM)'}, voxels {str(k[1])[:12]}" for k, n in found.items())
         raise ValueError(f"{what} holds segments made on different CTs ({listed}). Export the segments of each CT separately.")
-    (series, sha, grid), = found
+    ((series, sha, grid),) = found
     return {"series_uid": series, "voxel_sha256": sha, **(_parse_grid(grid) or {})}
 
 

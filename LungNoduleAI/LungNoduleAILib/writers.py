@@ -44,6 +44,9 @@ __all__ = [
 
 PROBABILITY_SCALE = 1.0 / 255.0
 """Probability = stored uint8 value x PROBABILITY_SCALE."""
+PROBABILITY_SCALE_KEY = "LungNoduleAI.ProbabilityScale"
+"""Header key of the probability file holding :data:`PROBABILITY_SCALE`."""
+
 
 def output_paths(output_dir: str | os.PathLike, name: str, png: bool = False) -> dict[str, Path]:
     """Final paths of one input's outputs, keyed like :data:`OUTPUT_SUFFIXES`."""
@@ -71,7 +74,7 @@ def write_probability(probability: sitk.Image, path: str | os.PathLike) -> None:
         probability: float probabilities (0-1), or already quantized by :func:`quantize_probability`.
     """
     img = sitk.Image(quantize_probability(probability))  # a copy shares the buffer until changed: the metadata below stay on it
-    img.SetMetaData("LungNoduleAI.ProbabilityScale", repr(PROBABILITY_SCALE))
+    img.SetMetaData(PROBABILITY_SCALE_KEY, repr(PROBABILITY_SCALE))
     img.SetMetaData("LungNoduleAI.Quantity", "nodule probability")
     sitk.WriteImage(img, str(path), useCompression=True)
 
@@ -79,9 +82,8 @@ def write_probability(probability: sitk.Image, path: str | os.PathLike) -> None:
 def read_probability(path: str | os.PathLike) -> sitk.Image:
     """Read a probability map written by :func:`write_probability` as float32 0-1."""
     img = sitk.ReadImage(str(path))
-    scale = float(img.GetMetaData("LungNoduleAI.ProbabilityScale")) if img.HasMetaDataKey("LungNoduleAI.ProbabilityScale") else 1.0
+    scale = float(img.GetMetaData(PROBABILITY_SCALE_KEY)) if img.HasMetaDataKey(PROBABILITY_SCALE_KEY) else 1.0
     return sitk.Cast(img, sitk.sitkFloat32) * scale
-
 
 
 def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike) -> None:
@@ -174,10 +176,22 @@ def write_segmentation_labelmap(labelmap: sitk.Image, segments: Sequence[dict], 
 
 
 CSV_COLUMNS = [
-    "id", "rank", "probability", "probability_mean",
-    "center_lps_x_mm", "center_lps_y_mm", "center_lps_z_mm",
-    "center_ras_x_mm", "center_ras_y_mm", "center_ras_z_mm",
-    "volume_mm3", "diameter_mm", "longest_axial_diameter_mm", "mean_hu", "voxels", "score",
+    "id",
+    "rank",
+    "probability",
+    "probability_mean",
+    "center_lps_x_mm",
+    "center_lps_y_mm",
+    "center_lps_z_mm",
+    "center_ras_x_mm",
+    "center_ras_y_mm",
+    "center_ras_z_mm",
+    "volume_mm3",
+    "diameter_mm",
+    "longest_axial_diameter_mm",
+    "mean_hu",
+    "voxels",
+    "score",
 ]
 
 
@@ -187,12 +201,22 @@ def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLik
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for c in candidates:
-            w.writerow([
-                c.id, c.rank, f"{c.probability:.4f}", f"{c.probability_mean:.4f}",
-                *[f"{v:.2f}" for v in c.center_lps_mm], *[f"{v:.2f}" for v in c.center_ras_mm],
-                f"{c.volume_mm3:.1f}", f"{c.diameter_mm:.2f}", f"{c.longest_axial_diameter_mm:.2f}", f"{c.mean_hu:.1f}", c.voxels,
-                "" if c.score is None else f"{c.score:.4f}",
-            ])
+            w.writerow(
+                [
+                    c.id,
+                    c.rank,
+                    f"{c.probability:.4f}",
+                    f"{c.probability_mean:.4f}",
+                    *[f"{v:.2f}" for v in c.center_lps_mm],
+                    *[f"{v:.2f}" for v in c.center_ras_mm],
+                    f"{c.volume_mm3:.1f}",
+                    f"{c.diameter_mm:.2f}",
+                    f"{c.longest_axial_diameter_mm:.2f}",
+                    f"{c.mean_hu:.1f}",
+                    c.voxels,
+                    "" if c.score is None else f"{c.score:.4f}",
+                ]
+            )
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
@@ -201,7 +225,15 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
         f.write("\n")
 
 
-def write_overview_png(ct_hu: sitk.Image, probability: sitk.Image, labelmap: sitk.Image, candidates: Sequence[Candidate], path: str | os.PathLike, max_panels: int = 4, title: str = "") -> None:
+def write_overview_png(
+    ct_hu: sitk.Image,
+    probability: sitk.Image,
+    labelmap: sitk.Image,
+    candidates: Sequence[Candidate],
+    path: str | os.PathLike,
+    max_panels: int = 4,
+    title: str = "",
+) -> None:
     """Axial slices through the top candidates: CT (lung window), probability overlay, outlines, labels.
 
     Images are shown in radiological convention (patient's right on the left, anterior up).
@@ -239,7 +271,14 @@ def write_overview_png(ct_hu: sitk.Image, probability: sitk.Image, labelmap: sit
             ax.set_title("No candidates above the threshold", fontsize=10)
         else:
             ci, cj, _ = ct.TransformPhysicalPointToContinuousIndex(c.center_lps_mm)
-            ax.annotate(str(c.rank), xy=(ci * sx, cj * sy), xytext=(ci * sx + 18, cj * sy - 18), color="yellow", fontsize=11, arrowprops={"color": "yellow", "arrowstyle": "-", "lw": 1})
+            ax.annotate(
+                str(c.rank),
+                xy=(ci * sx, cj * sy),
+                xytext=(ci * sx + 18, cj * sy - 18),
+                color="yellow",
+                fontsize=11,
+                arrowprops={"color": "yellow", "arrowstyle": "-", "lw": 1},
+            )
             ax.set_title(f"#{c.rank}: p={c.probability:.2f}, {c.diameter_mm:.1f} mm, slice {k}", fontsize=10)
         ax.set_axis_off()
     if title:

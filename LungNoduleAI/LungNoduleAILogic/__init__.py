@@ -58,6 +58,7 @@ from .names import (  # noqa: F401  (re-exported: the names the module has alway
 
 __all__ = ["LungNoduleAILogic", "LungNoduleAIResult", "REVIEW_STATUSES", "EXPORT_FORMATS"]
 
+
 @dataclass
 class LungNoduleAIResult:
     """Nodes made by one detection, and its candidates (engine dictionaries, JSON contract)."""
@@ -214,7 +215,10 @@ class LungNoduleAILogic(ExportMixin):
         recorded = {k: v for k, v in report.get("input", {}).items() if k not in ("path", "name", "series_uid")}
         if recorded.get("voxel_sha256"):  # same grid is not enough: the results must be of these voxels
             check_same_source(
-                recorded, source_identity(to_hu(ct)), f"The result set '{files['json'].name}'", f"volume '{volumeNode.GetName()}'",
+                recorded,
+                source_identity(to_hu(ct)),
+                f"The result set '{files['json'].name}'",
+                f"volume '{volumeNode.GetName()}'",
                 "Nothing was imported. Select the volume the results were detected on, or run Detect on this one.",
             )
         return self._addResultNodes(volumeNode, probability, labelmap, report["candidates"], report)
@@ -508,7 +512,11 @@ class LungNoduleAILogic(ExportMixin):
                 segmentation.RemoveSegment(sid)
             else:
                 kept.append(sid)
-        keptMask = sitk.GetArrayViewFromImage(self._segmentArrayOnVolume(segmentationNode, kept, volume)) > 0 if kept else np.zeros(tuple(reversed(ct.GetSize())), bool)
+        keptMask = (
+            sitk.GetArrayViewFromImage(self._segmentArrayOnVolume(segmentationNode, kept, volume)) > 0
+            if kept
+            else np.zeros(tuple(reversed(ct.GetSize())), bool)
+        )
         spec = self._modelSpec()
         labelmap, found = find_candidates(probability, to_hu(ct), threshold, spec)
         labelArr = sitk.GetArrayViewFromImage(labelmap)

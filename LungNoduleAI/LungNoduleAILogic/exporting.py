@@ -60,7 +60,9 @@ class ExportMixin:
             volumeGrid = image_grid(ct)
             for _, _, indexToLps in voxels.values():
                 origin, spacing, direction = geometry_from_ijk_to_ras(ijk_to_lps_matrix(indexToLps))
-                diffs = grid_mismatches({"size_ijk": [], "spacing_mm": spacing, "direction": direction, "origin_lps_mm": origin}, {**volumeGrid, "size_ijk": []})
+                diffs = grid_mismatches(
+                    {"size_ijk": [], "spacing_mm": spacing, "direction": direction, "origin_lps_mm": origin}, {**volumeGrid, "size_ijk": []}
+                )
                 if diffs:
                     raise ValueError(
                         f"{what} records no source CT, and its grid is not that of volume '{volumeNode.GetName()}': {'; '.join(diffs)}. "
@@ -69,7 +71,12 @@ class ExportMixin:
         if dicomSeries is not None and not (volumeNode.GetAttribute(ATTR_DICOM_INSTANCES) or "").split():
             # a volume not loaded through the DICOM module: the series must hold this volume's voxels
             series = read_ct(dicomSource)
-            check_same_source({**identity, "series_uid": None}, {**series.identity(), "series_uid": None}, f"Volume '{volumeNode.GetName()}'", f"the DICOM series {dicomSeries.series_uid}")
+            check_same_source(
+                {**identity, "series_uid": None},
+                {**series.identity(), "series_uid": None},
+                f"Volume '{volumeNode.GetName()}'",
+                f"the DICOM series {dicomSeries.series_uid}",
+            )
         outside = [
             segmentationNode.GetSegmentation().GetSegment(sid).GetName()
             for sid, (_, bbox, indexToLps) in voxels.items()
@@ -135,7 +142,9 @@ class ExportMixin:
         if wantsDicom and segmentationType == "fractional":
             probNode = segmentationNode.GetNodeReference(REF_PROBABILITY)
             if probNode is None:
-                raise ValueError(f"A fractional DICOM SEG needs the probability map of the detection, but '{segmentationNode.GetName()}' has none: export a binary SEG.")
+                raise ValueError(
+                    f"A fractional DICOM SEG needs the probability map of the detection, but '{segmentationNode.GetName()}' has none: export a binary SEG."
+                )
             probability = self.imageFromVolume(probNode)
         name = referenceVolumeNode.GetName()
         ct = to_hu(self.imageFromVolume(referenceVolumeNode))

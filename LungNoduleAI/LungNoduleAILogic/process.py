@@ -60,9 +60,23 @@ def engineEnvironment(base: dict | None = None) -> dict:
     return env
 
 
-def detectCommand(inputPath: str, outputDir: str, device: str = "auto", threshold: float | None = None, modelPath: str | None = None, useLungMask: bool = True) -> list[str]:
+def detectCommand(
+    inputPath: str, outputDir: str, device: str = "auto", threshold: float | None = None, modelPath: str | None = None, useLungMask: bool = True
+) -> list[str]:
     """Command line of ``lungnoduleai detect`` with machine-readable progress."""
-    cmd = [pythonExecutable(), "-m", "LungNoduleAILib.cli", "detect", str(inputPath), "--output-dir", str(outputDir), "--device", device, "--progress-lines", "--overwrite"]
+    cmd = [
+        pythonExecutable(),
+        "-m",
+        "LungNoduleAILib.cli",
+        "detect",
+        str(inputPath),
+        "--output-dir",
+        str(outputDir),
+        "--device",
+        device,
+        "--progress-lines",
+        "--overwrite",
+    ]
     if threshold is not None:
         cmd += ["--threshold", f"{threshold:g}"]
     if modelPath:
@@ -96,7 +110,9 @@ class EngineProcess:
         self.errors: list[dict] = []
         self.log: list[str] = []
         self._queue: queue.Queue = queue.Queue()
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1, **kwargs)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1, **kwargs
+        )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         self._finishedReported = False

@@ -50,11 +50,18 @@ def main(argv=None) -> int:
     if not scans:
         print(f"no scans in {args.scans}", file=sys.stderr)
         return 1
-    print(f"{'scan':<26}{'size':>16}{'read':>7}{'prep':>7}{'lung':>7}{'infer':>7}{'cand':>7}{'write':>7}{'total':>8}{'+load':>7}{'wait':>6}{'e2e':>7}{'peak GB':>9}{'cands':>6}  device")
+    print(
+        f"{'scan':<26}{'size':>16}{'read':>7}{'prep':>7}{'lung':>7}{'infer':>7}{'cand':>7}{'write':>7}"
+        f"{'total':>8}{'+load':>7}{'wait':>6}{'e2e':>7}{'peak GB':>9}{'cands':>6}  device"
+    )
     for scan in scans:
         for _ in range(args.repeat):
             with tempfile.TemporaryDirectory() as out:
-                proc = subprocess.run([sys.executable, "-c", CHILD, str(scan), out, args.model, args.device, "sequential" if args.sequential else "background"], capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(scan), out, args.model, args.device, "sequential" if args.sequential else "background"],
+                    capture_output=True,
+                    text=True,
+                )
             if proc.returncode:
                 print(f"{scan.name}: failed\n{proc.stderr}", file=sys.stderr)
                 return 1
@@ -63,7 +70,8 @@ def main(argv=None) -> int:
             size = "x".join(map(str, r["size"]))
             print(
                 f"{scan.name:<26}{size:>16}{s['read']:>7.1f}{s['preprocess']:>7.1f}{s['lung_mask']:>7.1f}{s['inference']:>7.1f}"
-                f"{s['candidates']:>7.1f}{s['write']:>7.1f}{r['detect_s']:>8.1f}{r['load_model_s']:>7.1f}{s.get('model_load_wait', 0.0):>6.1f}{r['detect_s'] + r['load_model_s']:>7.1f}{r['peak_rss_gb']:>9.2f}{r['candidates']:>6}  {r['device']}",
+                f"{s['candidates']:>7.1f}{s['write']:>7.1f}{r['detect_s']:>8.1f}{r['load_model_s']:>7.1f}{s.get('model_load_wait', 0.0):>6.1f}"
+                f"{r['detect_s'] + r['load_model_s']:>7.1f}{r['peak_rss_gb']:>9.2f}{r['candidates']:>6}  {r['device']}",
                 flush=True,
             )
     return 0

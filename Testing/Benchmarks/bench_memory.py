@@ -97,9 +97,11 @@ def main(argv=None) -> int:
     network = max(0.0, begins["candidates"][1] - begins["inference"][0]) if "candidates" in begins and "inference" in begins else 0.0
     budget = r["model_rss_gb"] + network + 4 * input_gb
     print(f"model loaded {r['model_rss_gb']:.2f} GB, network working set (inference's rise) {network:.2f} GB, peak {r['peak_gb']:.2f} GB")
-    print(f"(peak - model) / input = {(r['peak_gb'] - r['model_rss_gb']) / input_gb:.1f}x; (peak - model - network) / input = "
-          f"{(r['peak_gb'] - r['model_rss_gb'] - network) / input_gb:.1f}x; budget (model + network + 4 x input) {budget:.2f} GB: "
-          f"{'met' if r['peak_gb'] <= budget else 'NOT met'}")
+    print(
+        f"(peak - model) / input = {(r['peak_gb'] - r['model_rss_gb']) / input_gb:.1f}x; (peak - model - network) / input = "
+        f"{(r['peak_gb'] - r['model_rss_gb'] - network) / input_gb:.1f}x; budget (model + network + 4 x input) {budget:.2f} GB: "
+        f"{'met' if r['peak_gb'] <= budget else 'NOT met'}"
+    )
     return 0
 
 

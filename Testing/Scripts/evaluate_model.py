@@ -44,7 +44,6 @@ from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.training import NODULE_CONTEXTS, NODULE_DENSITIES, nodule_context, nodule_density, validation_series
 
-
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 """Thresholds of the sweep (from one run at the lowest: probability of each candidate >= t)."""
 
@@ -137,7 +136,15 @@ def evaluate_cubes(detector: Detector, data_dir: Path, threshold: float, seed: i
         by_density[density][1] += 1
         if not hits:
             on_nodule = [c.probability for c in low.candidates if np.linalg.norm(np.array(c.center_lps_mm) - ref) <= radius]
-            missed.append({"image": r["image"], "diameter_mm": float(r["diameter_mm"]), "context": context, "density": density, "best_probability_on_nodule": max(on_nodule, default=0.0)})
+            missed.append(
+                {
+                    "image": r["image"],
+                    "diameter_mm": float(r["diameter_mm"]),
+                    "context": context,
+                    "density": density,
+                    "best_probability_on_nodule": max(on_nodule, default=0.0),
+                }
+            )
     n = len(rows)
     ev = evaluate(froc_scans, threshold, bootstrap=500)
     return {
@@ -169,7 +176,10 @@ def evaluate_scan(detector: Detector, scans: Path, case: str, threshold: float |
     t = time.perf_counter()
     res = detector.detect(ct, threshold)
     seconds = time.perf_counter() - t
-    refs = [Finding(tuple(float(row[k]) for k in ("coordX", "coordY", "coordZ")), float(row["diameter_mm"])) for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))]
+    refs = [
+        Finding(tuple(float(row[k]) for k in ("coordX", "coordY", "coordZ")), float(row["diameter_mm"]))
+        for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))
+    ]
     marks = lidc_reader_marks(scans / f"{case}.xml", sitk.ReadImage(str(path))) if (scans / f"{case}.xml").exists() else []
     excluded = lidc_excluded_findings(marks, refs)
     low = detector.detect(ct, min(SWEEP[0], froc_threshold, res.threshold))
@@ -201,7 +211,10 @@ def write_excluded_csv(scans: Path, path: Path) -> None:
     uids = {r["case"]: r["seriesuid"] for r in csv.DictReader(open(scans / "series.csv"))}
     out = {}
     for case, uid in uids.items():
-        refs = [Finding(tuple(float(row[k]) for k in ("coordX", "coordY", "coordZ")), float(row["diameter_mm"])) for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))]
+        refs = [
+            Finding(tuple(float(row[k]) for k in ("coordX", "coordY", "coordZ")), float(row["diameter_mm"]))
+            for row in csv.DictReader(open(scans / f"{case}.annotations.csv"))
+        ]
         out[uid] = lidc_excluded_findings(lidc_reader_marks(scans / f"{case}.xml", sitk.ReadImage(str(scans / f"{case}.nii.gz"))), refs)
     write_reference_csv(out, path)
 
@@ -214,9 +227,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the training split seed")
     ap.add_argument("--output", type=Path, default=None)
     ap.add_argument("--skip-cubes", action="store_true")
-    ap.add_argument("--excluded-csv", type=Path, default=None, help="also write the full scans' LUNA16 excluded findings (from the XML) here, for lungnoduleai evaluate --excluded")
+    ap.add_argument(
+        "--excluded-csv",
+        type=Path,
+        default=None,
+        help="also write the full scans' LUNA16 excluded findings (from the XML) here, for lungnoduleai evaluate --excluded",
+    )
     ap.add_argument("--froc-threshold", type=float, default=0.05, help="candidates down to this probability feed the FROC curve")
-    ap.add_argument("--training-split", action="store_true", help="score the training series' cubes instead (key training_cubes): how well the network fits what it was trained on, not a held-out figure")
+    ap.add_argument(
+        "--training-split",
+        action="store_true",
+        help="score the training series' cubes instead (key training_cubes): how well the network fits what it was trained on, not a held-out figure",
+    )
     args = ap.parse_args(argv)
     detector = Detector(args.model, "auto")
     threshold = args.threshold if args.threshold is not None else detector.model.spec.threshold

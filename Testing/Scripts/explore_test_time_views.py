@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import evaluate_model  # noqa: E402
+
 from LungNoduleAILib.pipeline import Detector  # noqa: E402
 
 AXES = {"z": 2, "y": 3, "x": 4}
@@ -78,7 +79,9 @@ class ViewsPredictor:
             if any(p for pair in pads for p in pair):
                 a = np.pad(a, pads, mode="reflect" if all(max(p) < n for p, n in zip(pads, shape)) else "edge")
             with torch.inference_mode():
-                prob = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(a))[None, None], self.roi_size, 1, self._passes, overlap=self.overlap, mode="gaussian")
+                prob = sliding_window_inference(
+                    torch.from_numpy(np.ascontiguousarray(a))[None, None], self.roi_size, 1, self._passes, overlap=self.overlap, mode="gaussian"
+                )
             prob = prob[(slice(None), slice(None)) + tuple(slice(p[0], p[0] + n) for p, n in zip(pads, shape))]
             if scale != 1.0:
                 prob = F.interpolate(prob, size=volume.shape, mode="trilinear", align_corners=False)
@@ -109,13 +112,21 @@ def main(argv=None) -> int:
     spec = detector.spec
     detector.predictor = ViewsPredictor(detector.model.network, spec.roi_size, spec.overlap, views, scales)
     threshold = spec.threshold if args.threshold is None else args.threshold
-    fig = {"views": args.views, "scales": scales, "threshold": threshold,
-           "validation_cubes": evaluate_model.evaluate_cubes(detector, args.data_dir, threshold, args.seed, 0.05)}
+    fig = {
+        "views": args.views,
+        "scales": scales,
+        "threshold": threshold,
+        "validation_cubes": evaluate_model.evaluate_cubes(detector, args.data_dir, threshold, args.seed, 0.05),
+    }
     v = fig["validation_cubes"]
     print(json.dumps({k: v[k] for k in ("sensitivity", "other_candidates_per_cube", "cpm", "cpm_ci95", "sensitivity_at_fp_per_cube")}))
-    print(json.dumps({k: f"{x['found']}/{x['n']}" for k, x in {**v["sensitivity_by_context"], **v["sensitivity_by_size"], **v["sensitivity_by_density"]}.items()}))
+    print(
+        json.dumps({k: f"{x['found']}/{x['n']}" for k, x in {**v["sensitivity_by_context"], **v["sensitivity_by_size"], **v["sensitivity_by_density"]}.items()})
+    )
     if args.scans:
-        fig["full_scans"] = [evaluate_model.evaluate_scan(detector, args.data_dir / "scans", c, threshold, 0.05)[0] for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
+        fig["full_scans"] = [
+            evaluate_model.evaluate_scan(detector, args.data_dir / "scans", c, threshold, 0.05)[0] for c in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")
+        ]
         for s in fig["full_scans"]:
             print(s["case"], "false positives", s["false_positives"], "sweep", {t: x["false_positives"] for t, x in s["sweep"].items()})
     args.output.write_text(json.dumps(fig, indent=1))

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from evaluate_model import other_references
 
 from LungNoduleAILib.imageio import read_ct
 from LungNoduleAILib.model import ModelSpec, load_model
 from LungNoduleAILib.pipeline import Detector
 from LungNoduleAILib.rescore import candidate_features, fit_rescorer, score
 from LungNoduleAILib.training import lidc_marked_points_lps, validation_series
-
-from evaluate_model import other_references
 
 
 def main() -> None:
@@ -72,7 +71,14 @@ def main() -> None:
     rescorer = fit_rescorer(X, y)
     s = score(rescorer, X)
     rescorer["threshold"] = float(np.quantile(s[y == 1], 1.0 - args.keep))
-    rescorer["trained_on"] = {"candidates": int(len(y)), "hits": int(y.sum()), "false": int((y == 0).sum()), "keep_hits": args.keep, "seed": args.seed, "scans": args.scans}
+    rescorer["trained_on"] = {
+        "candidates": int(len(y)),
+        "hits": int(y.sum()),
+        "false": int((y == 0).sum()),
+        "keep_hits": args.keep,
+        "seed": args.seed,
+        "scans": args.scans,
+    }
     kept_fp = float(((s >= rescorer["threshold"]) & (y == 0)).sum() / max(1, (y == 0).sum()))
     rescorer["trained_on"]["false_kept_fraction"] = round(kept_fp, 4)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,9 @@ def augment_batch(x, y, gen, zoom: float = 0.0):
     if torch.rand(1, generator=gen).item() < 0.25:  # thick slices: down/up-sample along z
         f = float(1.5 + 1.5 * torch.rand(1, generator=gen).item())
         p = x.shape[2]
-        x = F.interpolate(F.interpolate(x, size=(max(8, int(p / f)), p, p), mode="trilinear", align_corners=False), size=(p, p, p), mode="trilinear", align_corners=False)
+        x = F.interpolate(
+            F.interpolate(x, size=(max(8, int(p / f)), p, p), mode="trilinear", align_corners=False), size=(p, p, p), mode="trilinear", align_corners=False
+        )
     return x, y
 
 

@@ -137,10 +137,14 @@ class TrainConfig:
         if not 0.0 <= self.wall_negative_weight <= 1.0:
             return TrainConfigError("wall_negative_weight", f"must lie between 0 and 1, got {self.wall_negative_weight}")
         if self.wall_near_nodule_voxels < 0:
-            return TrainConfigError("wall_near_nodule_voxels", f"is a distance in voxels and must be >= 0 (0 = the whole wall), got {self.wall_near_nodule_voxels}")
+            return TrainConfigError(
+                "wall_near_nodule_voxels", f"is a distance in voxels and must be >= 0 (0 = the whole wall), got {self.wall_near_nodule_voxels}"
+            )
         if len(self.mix) != 4 or min(self.mix) < 0 or sum(self.mix) <= 0:
             got = ",".join(f"{v:g}" for v in self.mix)
-            return TrainConfigError("mix", f"needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{got}'")
+            return TrainConfigError(
+                "mix", f"needs 4 non-negative fractions separated by commas (cube crops, pasted nodules, nodule-free cubes, scan patches), got '{got}'"
+            )
         for name in ("init", "mine_with"):
             model = getattr(self, name)
             if model and not Path(model).with_suffix(".pt").is_file():

@@ -162,7 +162,13 @@ def prepare_training_data(
             raw = sitk.ReadImage(str(path))
             for p in lidc_marked_points_lps(xml, raw):
                 points.append(list(reversed(res.TransformPhysicalPointToContinuousIndex(p))))
-        scans.append((scale_intensity_uint8(sitk.GetArrayFromImage(res), spec.hu_window), sitk.GetArrayFromImage(lung).astype(np.uint8), np.array(points, dtype=np.float32).reshape(-1, 3)))
+        scans.append(
+            (
+                scale_intensity_uint8(sitk.GetArrayFromImage(res), spec.hu_window),
+                sitk.GetArrayFromImage(lung).astype(np.uint8),
+                np.array(points, dtype=np.float32).reshape(-1, 3),
+            )
+        )
     meta = {
         "cubes": len(rows),
         "train_cubes": int((~is_val).sum()),
@@ -174,7 +180,15 @@ def prepare_training_data(
     }
     meta["other_nodules_in_cubes"] = int(sum(len(components(m > 0, 1)) for m in other_masks if m.any()))
     return TrainingData(
-        cubes, masks, np.array([float(r["diameter_mm"]) for r in rows]), series, is_val, scans, meta, contexts=np.array(contexts, "U20"), other_masks=other_masks
+        cubes,
+        masks,
+        np.array([float(r["diameter_mm"]) for r in rows]),
+        series,
+        is_val,
+        scans,
+        meta,
+        contexts=np.array(contexts, "U20"),
+        other_masks=other_masks,
     )
 
 
@@ -238,9 +252,15 @@ def save_pack(data: TrainingData, path: str | os.PathLike, bits: int = 8, cube_s
     shift = 8 - bits
     meta = dict(data.meta, pack={"bits": bits, "cube_size": int(cubes.shape[1]), "scan_margin": scan_margin})
     arrays = {
-        "cubes": cubes >> shift, "masks": masks, "diameters_mm": data.diameters_mm,
-        "series": data.series, "is_val": data.is_val, "meta": np.array(json.dumps(meta)),
-        "hard_cube": data.hard_cube, "hard_scan": data.hard_scan, "contexts": np.asarray(data.contexts, "U20"),
+        "cubes": cubes >> shift,
+        "masks": masks,
+        "diameters_mm": data.diameters_mm,
+        "series": data.series,
+        "is_val": data.is_val,
+        "meta": np.array(json.dumps(meta)),
+        "hard_cube": data.hard_cube,
+        "hard_scan": data.hard_scan,
+        "contexts": np.asarray(data.contexts, "U20"),
         "other_masks": others,
     }
     for i, (vol, lung, pts) in enumerate(data.scans):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 from scipy import ndimage
 
 
 def soft_mask(mask: np.ndarray) -> np.ndarray:
-    """A binary mask blurred (Gaussian, 1 voxel; it reaches 4 voxels past the mask) and raised so that it is about 1 inside: float32 in [0, 1], how much of a nodule shows at each voxel when it is pasted or faded."""
+    """A binary mask blurred (Gaussian, 1 voxel; it reaches 4 voxels past the mask) and raised so that it is about 1 inside: float32 in [0, 1], how much
+    of a nodule shows at each voxel when it is pasted or faded.
+    """
     return np.clip(ndimage.gaussian_filter(mask.astype(np.float32), 1.0, mode="constant") * 1.6, 0, 1)
 
 
@@ -20,7 +21,9 @@ def ball(radius: int) -> np.ndarray:
 
 
 def thick_tissue(vol_u8: np.ndarray, lung_max_u8: int) -> np.ndarray:
-    """Chest wall, mediastinum and diaphragm of a uint8 patch: soft tissue (above the lung's upper bound) that survives an opening with a 3-voxel ball, which vessels do not."""
+    """Chest wall, mediastinum and diaphragm of a uint8 patch: soft tissue (above the lung's upper bound) that survives an opening with a 3-voxel ball,
+    which vessels do not.
+    """
     return ndimage.binary_opening(vol_u8 > lung_max_u8, ball(3))
 
 

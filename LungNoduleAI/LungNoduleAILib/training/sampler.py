@@ -1,4 +1,6 @@
-"""Training patches: nodule cubes cropped off-centre, nodules pasted into erased cubes and scan lungs, nodule-free patches; batches drawn in this process or by workers."""
+"""Training patches: nodule cubes cropped off-centre, nodules pasted into erased cubes and scan lungs, nodule-free patches; batches drawn in this process
+or by workers.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +22,20 @@ class PatchSampler:
     """Draws ``(image uint8 (P, P, P), label uint8 (P, P, P))`` training patches."""
 
     def __init__(
-        self, data: TrainingData, patch: int, seed: int, lung_max_u8: int, mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3), attached_weight: float = 1.0,
-        hu_window: Sequence[float] = (-1000.0, 400.0), faint_fraction: float = 0.0, small_weight: float = 2.0, faint_weight: float = 1.0,
-        pleural_fraction: float = 0.0, missed_weight: float = 1.0, fade_fraction: float = 0.0,
+        self,
+        data: TrainingData,
+        patch: int,
+        seed: int,
+        lung_max_u8: int,
+        mix: Sequence[float] = (0.3, 0.25, 0.15, 0.3),
+        attached_weight: float = 1.0,
+        hu_window: Sequence[float] = (-1000.0, 400.0),
+        faint_fraction: float = 0.0,
+        small_weight: float = 2.0,
+        faint_weight: float = 1.0,
+        pleural_fraction: float = 0.0,
+        missed_weight: float = 1.0,
+        fade_fraction: float = 0.0,
     ):
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -46,7 +59,10 @@ class PatchSampler:
             log.info("%d of %d training nodules are faint (mean < %.0f HU); drawn %.1fx as often.", int(faint.sum()), len(faint), FAINT_MEAN_HU, faint_weight)
         if missed_weight != 1.0:  # and the ones the mining model missed (hard positives)
             if len(data.missed) != len(data.cubes):
-                raise ValueError(f"missed_weight={missed_weight} needs the missed nodules of a mining run (mine_hard_negatives with found_threshold); this data has {len(data.missed)} flags for {len(data.cubes)} cubes")
+                raise ValueError(
+                    f"missed_weight={missed_weight} needs the missed nodules of a mining run (mine_hard_negatives with found_threshold); this data has "
+                    f"{len(data.missed)} flags for {len(data.cubes)} cubes"
+                )
             missed = data.missed[idx]
             w = w * np.where(missed, missed_weight, 1.0)
             log.info("%d of %d training nodules were missed by the mining model; drawn %.1fx as often.", int(missed.sum()), len(missed), missed_weight)
@@ -70,7 +86,7 @@ class PatchSampler:
             inner[r:-r, r:-r, r:-r] = True
             lung_b = (lung > 0) & inner
             dense = lung_b & (vol > lung_max_u8)
-            self.scan_centres.append((np.argwhere(lung_b)[:: 7], np.argwhere(dense)[:: 3], pts))
+            self.scan_centres.append((np.argwhere(lung_b)[::7], np.argwhere(dense)[::3], pts))
 
     def _erase(self, cube: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The cube without its nodule: the mask (dilated by 2 voxels) filled with lung parenchyma.
@@ -169,7 +185,7 @@ class PatchSampler:
                     # prefer a spot whose surroundings contain dense tissue (pleura, vessel)
                     a = np.maximum(c - shape // 2 - 2, 0)
                     b = np.minimum(c + shape // 2 + 3, p)
-                    if not (vol[a[0]:b[0], a[1]:b[1], a[2]:b[2]] > self.lung_max_u8 + 40).any():
+                    if not (vol[a[0] : b[0], a[1] : b[1], a[2] : b[2]] > self.lung_max_u8 + 40).any():
                         continue
                 break
         else:

@@ -70,8 +70,14 @@ def _validate(net, data: TrainingData, device: str, threshold: float, min_voxels
                 small_n += 1
                 small_found += f
         n = max(1, len(idx))
-        stats = {"val_cubes": int(len(idx)), "sensitivity": found / n, "fp_per_cube": fps / n, "sensitivity_lt6mm": small_found / max(1, small_n), "n_lt6mm": small_n,
-                 "fp_voxel_fraction": fp_voxels / n}
+        stats = {
+            "val_cubes": int(len(idx)),
+            "sensitivity": found / n,
+            "fp_per_cube": fps / n,
+            "sensitivity_lt6mm": small_found / max(1, small_n),
+            "n_lt6mm": small_n,
+            "fp_voxel_fraction": fp_voxels / n,
+        }
         if scans:
             stats["scan_false_responses"] = [len(_scan_false_responses(net, scan, device, threshold, min_voxels)) for scan in data.scans]
     net.train()
