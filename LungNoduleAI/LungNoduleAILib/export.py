@@ -1,7 +1,7 @@
 """Exporting reviewed nodules from a Slicer ``.seg.nrrd``: labelmap, CSV, JSON, DICOM SEG and SR.
 
-:func:`read_segmentation` reads any Slicer segmentation file (one or several
-layers, cropped or not) with its segments' names, colours and tags.
+:func:`.writers.read_segmentation` (beside ``write_segmentation``) reads any Slicer segmentation
+file (one or several layers, cropped or not) with its segments' names, colours and tags.
 :func:`export_reviewed` is what ``lungnoduleai export`` runs: it keeps the
 accepted segments (and, if asked, the pending or flagged ones; never the
 rejected), measures them on the CT as edited, and writes every format
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,7 @@ from .candidates import Candidate, measure_candidates
 from .dicomseg import ExportSegment, make_dicom_seg, make_dicom_sr, source_datasets, tracking_uid
 from .imageio import CTVolume, read_ct
 from .outputset import OutputSet, output_error, source_key
-from .provenance import SOURCE_HEADER_KEY, check_same_source, grid_mismatches, header_identity, identity_from_tags, identity_tags, image_grid, segment_inside
+from .provenance import check_same_source, grid_mismatches, identity_tags, image_grid, segment_inside
 from .review import (
     TAG_DETECTED,
     TAG_EDITED,
@@ -37,10 +37,9 @@ from .review import (
     TAG_TRACKING_UID,
     algorithm_type,
     review_status,
-    segment_color,
     select_for_export,
 )
-from .writers import mask_sha1, read_probability, write_candidates_csv, write_json, write_segmentation_labelmap
+from .writers import SegmentationFile, mask_sha1, read_probability, read_segmentation, write_candidates_csv, write_json, write_segmentation_labelmap
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -81,135 +80,6 @@ _SUFFIXES = {
 
 class OptionError(ValueError):
     """A bad export option (unknown format, DICOM formats without DICOM): the command line's fault, exit status 2."""
-
-
-@dataclass
-class SegmentationFile:
-    """A Slicer segmentation file.
-
-    Attributes:
-        layers: one label image per layer (LPS geometry of the file).
-        segments: dicts with ``id``, ``name``, ``color``, ``layer``, ``label`` and ``tags``, in file order.
-        extent_offset: voxel offset ``(i, j, k)`` of the file's first voxel in
-            the reference image (Slicer crops files to their content).
-    """
-
-    layers: list
-    segments: list = field(default_factory=list)
-    extent_offset: tuple = (0, 0, 0)
-    source: dict | None = None
-
-    def mask(self, index: int) -> np.ndarray:
-        """Boolean ``(k, j, i)`` mask of segment ``index`` on its layer's grid."""
-        seg = self.segments[index]
-        return sitk.GetArrayViewFromImage(self.layers[seg["layer"]]) == seg["label"]
-
-    def bbox(self, index: int) -> list[int] | None:
-        """``[i0, j0, k0, i1, j1, k1]`` of segment ``index``'s voxels on the file's grid (``None`` when empty)."""
-        nz = np.argwhere(self.mask(index))
-        if nz.size == 0:
-            return None
-        (k0, j0, i0), (k1, j1, i1) = nz.min(0), nz.max(0)
-        return [int(i0), int(j0), int(k0), int(i1), int(j1), int(k1)]
-
-    def index_to_lps(self) -> np.ndarray:
-        """4x4 matrix from the file's voxel index ``(i, j, k)`` to LPS mm."""
-        layer = self.layers[0]
-        m = np.eye(4)
-        m[:3, :3] = np.asarray(layer.GetDirection()).reshape(3, 3) * np.asarray(layer.GetSpacing())
-        m[:3, 3] = layer.GetOrigin()
-        return m
-
-    def reference_grid(self) -> dict:
-        """Spacing, direction and origin of the grid the segmentation was drawn on (the file may be cropped to its segments)."""
-        grid = image_grid(self.layers[0])
-        grid["origin_lps_mm"] = (self.index_to_lps() @ np.array([-v for v in self.extent_offset] + [1.0]))[:3].tolist()
-        return grid
-
-    def recorded_source(self, what: str) -> dict | None:
-        """The CT identity the file records: its header key, else its segments' tags (a file saved by Slicer keeps only those)."""
-        return self.source or identity_from_tags((s["tags"] for s in self.segments), what)
-
-
-def _parse_tags(text: str) -> dict:
-    tags = {}
-    for item in text.split("|"):
-        if ":" in item:
-            k, v = item.split(":", 1)
-            tags[k] = v
-    return tags
-
-
-def read_segmentation(path: str | os.PathLike) -> SegmentationFile:
-    """Read a ``.seg.nrrd`` written by Slicer or by this engine.
-
-    Raises:
-        ValueError: the file is missing, not an image, or has no segment metadata.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"Segmentation file '{p}' does not exist.")
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        raise ValueError(f"Cannot read '{p}' as a segmentation (.seg.nrrd): {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
-    keys = set(img.GetMetaDataKeys())
-    if "Segment0_ID" not in keys and "Segment0_Name" not in keys:
-        raise ValueError(
-            f"'{p}' has no segment metadata (Segment0_...): it is an image, not a Slicer segmentation. "
-            "Give the .seg.nrrd saved from Slicer or written by lungnoduleai detect/export."
-        )
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        layers = [sitk.VectorIndexSelectionCast(img, i) for i in range(img.GetNumberOfComponentsPerPixel())]
-    else:
-        layers = [img]
-    layers = [sitk.Cast(layer, sitk.sitkUInt16) for layer in layers]
-    offset = (0, 0, 0)
-    if "Segmentation_ReferenceImageExtentOffset" in keys:
-        try:
-            offset = tuple(int(v) for v in img.GetMetaData("Segmentation_ReferenceImageExtentOffset").split()[:3])
-        except ValueError:
-            pass
-    segments = []
-    i = 0
-    while f"Segment{i}_ID" in keys or f"Segment{i}_Name" in keys:
-
-        def get(name, default=""):
-            key = f"Segment{i}_{name}"
-            return img.GetMetaData(key) if key in keys else default
-
-        try:
-            color = tuple(float(v) for v in get("Color", "1 0 0").split()[:3])
-        except ValueError:
-            color = segment_color(i)
-        name = get("Name", f"Segment {i + 1}")
-        numbers = {}
-        for key, default in (("Layer", "0"), ("LabelValue", "1")):
-            text = get(key, default) or default
-            try:
-                numbers[key] = int(text)
-            except ValueError:
-                raise ValueError(
-                    f"'{p}': Segment{i}_{key} of segment '{name}' is '{text}', not a whole number: the file is damaged. Save it again from Slicer."
-                ) from None
-        if not 0 <= numbers["Layer"] < len(layers):
-            raise ValueError(
-                f"'{p}': segment '{name}' (Segment{i}_Layer={numbers['Layer']}) is on a layer the file does not have ({len(layers)} layer(s)): "
-                "the file is damaged. Save it again from Slicer."
-            )
-        segments.append(
-            {
-                "id": get("ID", f"Segment_{i + 1}"),
-                "name": name,
-                "color": color,
-                "layer": numbers["Layer"],
-                "label": numbers["LabelValue"],
-                "tags": _parse_tags(get("Tags", "")),
-            }
-        )
-        i += 1
-    source = header_identity(img.GetMetaData(SOURCE_HEADER_KEY) if SOURCE_HEADER_KEY in keys else None)
-    return SegmentationFile(layers=layers, segments=segments, extent_offset=offset, source=source)
 
 
 def _segment_edited(seg_file: SegmentationFile, index: int) -> bool:
