@@ -154,9 +154,8 @@ def test_segments_of_two_cts_in_one_file_are_refused(nifti_run, tmp_path, capsys
 def logic_setup(bundled_model):
     slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed (make test installs it)")
     sys.path.insert(0, str(REPO / "LungNoduleAI"))
-    from test_logic import load_volume, save_and_reload
-
     from LungNoduleAILogic import LungNoduleAILogic
+    from test_logic import load_volume, save_and_reload
 
     scene = slicer.vtkMRMLScene()
     logic = LungNoduleAILogic(scene)

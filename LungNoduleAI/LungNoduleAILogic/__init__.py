@@ -517,7 +517,7 @@ class LungNoduleAILogic(ExportMixin):
             if kept
             else np.zeros(tuple(reversed(ct.GetSize())), bool)
         )
-        spec = self._modelSpec()
+        spec = self.modelSpecFor(segmentationNode)
         labelmap, found = find_candidates(probability, to_hu(ct), threshold, spec)
         labelArr = sitk.GetArrayViewFromImage(labelmap)
         newIds = []
@@ -536,6 +536,37 @@ class LungNoduleAILogic(ExportMixin):
             probNode.GetDisplayNode().SetLowerThreshold(threshold)
         self.updateTable(segmentationNode)
         return newIds
+
+    def modelSpecFor(self, segmentationNode):
+        """The settings of the model that made ``segmentationNode``'s candidates (recorded on the node), for re-deriving them.
+
+        The recorded file is used when its weights are still those recorded (SHA-256); else this logic's
+        model or the bundled one when their weights are; a node recorded before the SHA-256 was kept
+        uses the recorded file, else this logic's model. Choosing another model in the panel therefore
+        changes the next detection only, never how the shown candidates are re-derived.
+
+        Raises:
+            ValueError: the model that made the candidates is nowhere to be found (naming it).
+        """
+        from LungNoduleAILib.model import ModelSpec, default_model_path, file_sha256
+
+        recorded = json.loads(segmentationNode.GetAttribute(ATTR_MODEL) or "{}")
+        paths = [p for p in (recorded.get("path"), self.modelPath, str(default_model_path())) if p]
+        sha = recorded.get("sha256")
+        for path in paths:
+            meta = Path(path)
+            if not meta.is_file():
+                continue
+            spec = ModelSpec.from_json(meta)
+            if sha is None or ((meta.parent / spec.weights).is_file() and file_sha256(meta.parent / spec.weights) == sha):
+                return spec
+        if sha is None:
+            return self._modelSpec()
+        raise ValueError(
+            f"The model that detected the candidates of '{segmentationNode.GetName()}' ({recorded.get('name')} {recorded.get('version')}, "
+            f"'{recorded.get('path')}', weights sha256 {sha[:12]}...) is not available, so they cannot be re-derived with its settings. "
+            "Choose that model file in Advanced, or run Detect again."
+        )
 
     def _modelSpec(self, modelPath: str | None = None):
         from LungNoduleAILib.model import ModelSpec, default_model_path

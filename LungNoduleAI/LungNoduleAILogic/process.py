@@ -99,10 +99,15 @@ class EngineProcess:
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+            startupinfo = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
+            startupinfo.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # type: ignore[attr-defined]
+            startupinfo.wShowWindow = subprocess.SW_HIDE  # type: ignore[attr-defined]
+            kwargs["startupinfo"] = startupinfo  # no console window (closing it would kill the run), as slicer.util.launchConsoleProcess
         else:
             kwargs["start_new_session"] = True  # own process group: cancel kills the whole tree
         self.startTime = time.monotonic()
         self.cancelled = False
+        self._killAt: float | None = None
         self.lastProgress: dict = {}
         self.model: dict = {}
         """The last ``model`` event: the model and the device the engine actually used."""
@@ -111,20 +116,31 @@ class EngineProcess:
         self.log: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1, **kwargs
-        )
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
+        )  # fmt: skip
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         self._finishedReported = False
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self.proc.stdout.close()
+        try:
+            for line in self.proc.stdout:  # undecodable bytes arrive as U+FFFD (errors="replace"), never as an exception
+                self._queue.put(line.rstrip("\n"))
+        except (UnicodeDecodeError, ValueError) as exc:  # a stream closed under the reader, or a decoder fault: say so, do not die silently
+            self._queue.put(f"(output of the engine process could not be read further: {exc})")
+        finally:
+            self.proc.stdout.close()
 
     def poll(self) -> list[EngineEvent]:
-        """Events since the last call (non-blocking); the last one is ``finished`` once the process ended."""
+        """Events since the last call (non-blocking); the last one is ``finished`` once the process ended.
+
+        After :meth:`requestCancel`, also kills what is left of the process group once its grace time is over.
+        """
+        if self._killAt is not None and time.monotonic() >= self._killAt and self.proc.poll() is None:
+            self._signal(signal.SIGKILL if os.name != "nt" else None)
+            self._killAt = None
         events = []
         while True:
             try:
@@ -158,29 +174,42 @@ class EngineProcess:
     def elapsed(self) -> float:
         return time.monotonic() - self.startTime
 
-    def cancel(self, timeout: float = 5.0) -> None:
-        """Kill the process and everything it started; waits up to ``timeout`` seconds."""
+    @property
+    def cancelling(self) -> bool:
+        """Cancel was asked and the process has not ended yet (the panel shows "Cancelling...")."""
+        return self.cancelled and self.proc.poll() is None
+
+    def requestCancel(self, graceSeconds: float = 5.0) -> None:
+        """Ask the process to stop, without waiting: SIGTERM to its group now (the engine removes its temporary
+        files), SIGKILL from :meth:`poll` after ``graceSeconds``. On Windows the tree is killed at once."""
         self.cancelled = True
         if self.proc.poll() is not None:
             return
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], capture_output=True)
-        else:
-            # SIGTERM first: the engine removes its temporary files; then SIGKILL whatever is left of the group.
-            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            self._signal(None)
+            return
+        self._signal(signal.SIGTERM)
+        self._killAt = time.monotonic() + graceSeconds
+
+    def _signal(self, sig) -> None:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], capture_output=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            return
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Stop the process and everything it started, and wait for it (scripts and tests; the panel uses :meth:`requestCancel`)."""
+        self.requestCancel(timeout)
+        deadline = time.monotonic() + 2 * timeout + 1.0
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.05)
+        if self.proc.poll() is None:
             self.proc.kill()
+        self.proc.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process ends (for scripts and tests)."""

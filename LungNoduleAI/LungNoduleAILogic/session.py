@@ -1,0 +1,206 @@
+"""The module panel's state and decisions, without Qt: what the table shows, what each button does, when to re-threshold, where to export.
+
+:class:`ReviewSession` is what the widget (``LungNoduleAI.py``) asks; the widget only binds
+Qt signals to its methods and shows what they return. Everything here runs headless with
+the ``slicer-core`` wheel and is tested there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from LungNoduleAILib.review import ACCEPTED, PENDING, REJECTED, REVIEW_STATUSES, UNRESOLVED_STATUSES
+
+from .names import ATTR_THRESHOLD, REF_PROBABILITY, REF_VOLUME
+
+__all__ = ["ReviewSession", "CandidateRow", "PanelUpdate", "exportFolderName"]
+
+RETHRESHOLD_DELAY_MS = 600
+"""How long the threshold must rest before candidates are re-derived (a slider drag re-derives once, at its end)."""
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """One row of the candidates table (text as shown; ``status`` is the machine name, translated by the widget)."""
+
+    segmentId: str
+    rank: str
+    probability: str
+    diameter_mm: str
+    volume_mm3: str
+    status: str
+
+
+@dataclass
+class PanelUpdate:
+    """What the widget shows after an engine event: ``None`` fields stay as they are.
+
+    Attributes:
+        progressPercent: the progress bar's value (0-100).
+        stage: the stage running (the widget shows it, translated, with the elapsed time).
+        deviceText: the device the engine actually uses (``cpu``, ``cuda:0``...).
+        finished: the process ended (its return code and whether it was cancelled are in the event).
+    """
+
+    progressPercent: int | None = None
+    stage: str | None = None
+    deviceText: str | None = None
+    finished: bool = False
+
+
+def exportFolderName(volumeName: str, now: datetime.datetime | None = None) -> str:
+    """A fresh folder name for one export, e.g. ``ct_export_20261208-101502``: exporting again never meets the earlier files."""
+    now = now or datetime.datetime.now()
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeName).strip("._") or "volume"
+    return f"{safe}_export_{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+class ReviewSession:
+    """The review state of one panel: the segmentation shown, its rows, the selected candidate.
+
+    Args:
+        logic: the module's :class:`LungNoduleAILogic.LungNoduleAILogic`.
+    """
+
+    def __init__(self, logic):
+        self.logic = logic
+        self.segmentationNode = None
+        self.selectedId: str | None = None
+
+    # ------------------------------------------------------------------ table
+
+    def setSegmentation(self, segmentationNode) -> list[CandidateRow]:
+        """Show ``segmentationNode`` (the node the selector signal passes, not the one shown before); returns its rows."""
+        if segmentationNode is not self.segmentationNode:
+            self.selectedId = None
+        self.segmentationNode = segmentationNode
+        return self.rows()
+
+    def rows(self) -> list[CandidateRow]:
+        """The candidates of the current segmentation in rank order (none without a segmentation)."""
+        seg = self.segmentationNode
+        if seg is None:
+            return []
+        segmentation = seg.GetSegmentation()
+        rows = []
+        for sid in self.logic.candidateSegmentIds(seg):
+            m = self.logic.segmentMeasurements(segmentation.GetSegment(sid))
+            rows.append(CandidateRow(sid, m["rank"], m["probability"], m["diameter_mm"], m["volume_mm3"], self.logic.candidateStatus(seg, sid)))
+        return rows
+
+    def select(self, segmentId: str | None) -> list[float] | None:
+        """Select a candidate; returns where to centre the views (RAS, mm), ``None`` when it is not in the segmentation."""
+        seg = self.segmentationNode
+        if seg is None or segmentId is None or seg.GetSegmentation().GetSegment(segmentId) is None:
+            self.selectedId = None
+            return None
+        self.selectedId = segmentId
+        center = self.logic.segmentCenterRas(seg.GetSegmentation().GetSegment(segmentId))
+        return center if center is not None else list(seg.GetSegmentCenterRAS(segmentId))
+
+    # ------------------------------------------------------------------ review
+
+    def setStatus(self, status: str) -> str | None:
+        """Accept, reject or flag the selected candidate; returns the candidate to select next.
+
+        Accept and reject move on to the next pending candidate; flag stays (a flagged one needs a second look).
+
+        Raises:
+            ValueError: nothing selected (an expected condition: the widget shows it as status text), or an unknown status.
+        """
+        if status not in REVIEW_STATUSES:
+            raise ValueError(f"Unknown review status '{status}': use one of {', '.join(REVIEW_STATUSES)}.")
+        if self.segmentationNode is None or self.selectedId is None:
+            raise ValueError("Select a candidate in the table first.")
+        self.logic.setCandidateStatus(self.segmentationNode, self.selectedId, status)
+        if status in (ACCEPTED, REJECTED):
+            return self.nextPending() or self.selectedId
+        return self.selectedId
+
+    def nextPending(self) -> str | None:
+        """The next pending candidate after the selected one (wrapping around), ``None`` when all are reviewed."""
+        seg = self.segmentationNode
+        if seg is None:
+            return None
+        ids = self.logic.candidateSegmentIds(seg)
+        start = ids.index(self.selectedId) + 1 if self.selectedId in ids else 0
+        for offset in range(len(ids)):
+            sid = ids[(start + offset) % len(ids)]
+            if self.logic.candidateStatus(seg, sid) == PENDING:
+                return sid
+        return None
+
+    def unresolvedCount(self) -> int:
+        """Candidates still pending or flagged (the export warns about them)."""
+        seg = self.segmentationNode
+        if seg is None:
+            return 0
+        return sum(1 for sid in self.logic.candidateSegmentIds(seg) if self.logic.candidateStatus(seg, sid) in UNRESOLVED_STATUSES)
+
+    def editTarget(self) -> tuple:
+        """``(segmentation, source volume, segment ID)`` for the Segment Editor.
+
+        Raises:
+            ValueError: nothing selected.
+        """
+        if self.segmentationNode is None or self.selectedId is None:
+            raise ValueError("Select a candidate in the table first.")
+        return self.segmentationNode, self.segmentationNode.GetNodeReference(REF_VOLUME), self.selectedId
+
+    # ------------------------------------------------------------------ threshold
+
+    def thresholdEdited(self, value: float, byUser: bool) -> bool:
+        """Whether a threshold change should re-derive the shown candidates (after :data:`RETHRESHOLD_DELAY_MS` of rest).
+
+        Only the user's own changes do, and only for a segmentation with a stored probability map
+        and another threshold than it has; a threshold set because another model was chosen is for
+        the next run only.
+        """
+        seg = self.segmentationNode
+        if not byUser or seg is None or seg.GetNodeReference(REF_PROBABILITY) is None:
+            return False
+        current = seg.GetAttribute(ATTR_THRESHOLD)
+        return current is None or abs(float(current) - float(value)) > 1e-9
+
+    def rethreshold(self, value: float) -> list[str]:
+        """Re-derive the pending, unedited candidates at ``value`` with the settings of the model that made them; returns the new segment IDs."""
+        if not self.thresholdEdited(value, byUser=True):
+            return []
+        newIds = self.logic.rethreshold(self.segmentationNode, value)
+        if self.selectedId is not None and self.segmentationNode.GetSegmentation().GetSegment(self.selectedId) is None:
+            self.selectedId = None  # the selected candidate was re-derived away
+        return newIds
+
+    # ------------------------------------------------------------------ export
+
+    def exportFolder(self, baseFolder: str, volumeNode, now: datetime.datetime | None = None) -> str:
+        """Where one export writes: a new subfolder of ``baseFolder`` named after the volume and the time."""
+        name = volumeNode.GetName() if volumeNode is not None else "volume"
+        folder = Path(baseFolder) / exportFolderName(name, now)
+        n = 1
+        while folder.exists():  # two exports in the same second
+            n += 1
+            folder = Path(baseFolder) / f"{exportFolderName(name, now)}_{n}"
+        return str(folder)
+
+    def exportVolume(self, fallbackVolume):
+        """The CT the segmentation was detected on (its reference), else ``fallbackVolume`` (a segmentation drawn by hand)."""
+        seg = self.segmentationNode
+        volume = seg.GetNodeReference(REF_VOLUME) if seg is not None else None
+        return volume or fallbackVolume
+
+    # ------------------------------------------------------------------ engine events
+
+    @staticmethod
+    def panelUpdate(event) -> PanelUpdate:
+        """What one engine event (:class:`LungNoduleAILogic.process.EngineEvent`) changes in the panel."""
+        if event.kind == "progress":
+            return PanelUpdate(progressPercent=int(100 * float(event.data.get("fraction", 0.0))), stage=str(event.data.get("stage", "")))
+        if event.kind == "model":
+            return PanelUpdate(deviceText=str(event.data.get("device", "")))
+        if event.kind == "finished":
+            return PanelUpdate(finished=True)
+        return PanelUpdate()
