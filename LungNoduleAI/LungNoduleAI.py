@@ -8,8 +8,8 @@ and the MRML bridge (``LungNoduleAILogic``).
 import importlib.util
 import logging
 import os
+import pathlib
 import shutil
-import tempfile
 from typing import Annotated, Optional
 
 import qt
@@ -27,12 +27,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from LungNoduleAILib.review import ACCEPTED, FLAGGED, PENDING, REJECTED, UNRESOLVED_STATUSES
+from LungNoduleAILib.review import ACCEPTED, FLAGGED, REJECTED
 from LungNoduleAILogic import LungNoduleAILogic  # the module's logic: Qt-free, tested headless
+from LungNoduleAILogic.dependencies import TORCH_REQUIREMENT, dicomExportRequirement, installedVersions, missingForDetection, pipConstraints
 from LungNoduleAILogic.names import ATTR_OUTPUT, REF_PROBABILITY, REF_VOLUME
+from LungNoduleAILogic.process import EngineProcess, detectCommand, engineEnvironment
+from LungNoduleAILogic.session import RETHRESHOLD_DELAY_MS, ReviewSession
 
-# Packages the engine needs besides torch (import name -> pip requirement); torch comes from the PyTorch extension.
-PIP_REQUIREMENTS = {"monai": "monai>=1.4", "sklearn": "scikit-learn>=1.3", "matplotlib": "matplotlib>=3.7", "tqdm": "tqdm>=4.60"}
 DEVICES = [("auto", "Auto (CUDA when available)"), ("cpu", "CPU"), ("cuda", "CUDA")]
 TABLE_COLUMNS = [("rank", "#"), ("probability", "p"), ("diameter_mm", "Diameter (mm)"), ("volume_mm3", "Volume (mm³)"), ("status", "Status")]
 
@@ -57,13 +58,32 @@ class LungNoduleAI(ScriptedLoadableModule):
             "accept, reject, flag or edit each one, then export the reviewed labels "
             "(.seg.nrrd, NIfTI labelmap, CSV/JSON with measurements). "
             "The network runs in a separate process: Slicer stays responsive and the run can be cancelled. "
-            "Candidates are suggestions for a reader to review; this is not a medical device."
+            "Candidates are suggestions for a reader to review; this is not a medical device. "
+            '<a href="https://github.com/lungnoduleai/LungNoduleAI#readme">Documentation (README)</a>.'
         )
         self.parent.acknowledgementText = _(
             "The bundled model was trained on LUNA16 nodule cubes and LIDC-IDRI scans. "
             "LIDC-IDRI: Armato SG III et al., Medical Physics 38(2):915-931, 2011; data from The Cancer Imaging Archive, CC BY 3.0. "
             "LUNA16: Setio AAA et al., Medical Image Analysis 42:1-13, 2017, CC BY 4.0."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """The bundled demo CT (a crop of LIDC-IDRI-0001, shipped with the module) in the Sample Data module."""
+    import SampleData
+
+    moduleDir = os.path.dirname(__file__)
+    sample = os.path.join(moduleDir, "Resources", "Sample", "LIDC-IDRI-0001_sample.nii.gz")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Lung Nodule AI",
+        sampleName="LungNoduleAISample",
+        uris=pathlib.Path(sample).as_uri(),  # a local file: nothing is downloaded
+        fileNames="LIDC-IDRI-0001_sample.nii.gz",
+        nodeNames="LIDC-IDRI-0001_sample",
+        thumbnailFileName=os.path.join(moduleDir, "Resources", "Icons", "LungNoduleAI.png"),
+        loadFileType="VolumeFile",
+    )
 
 
 #
@@ -87,23 +107,27 @@ class LungNoduleAIParameterNode:
 
 
 class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel."""
+    """The module panel: widget bindings and dialogs only. State and decisions are in
+    :class:`LungNoduleAILogic.session.ReviewSession`, which the headless tests run."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.session = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._process = None
         self._workDir = None
         self._runVolume = None
+        self._settingThreshold = False  # a threshold set by the panel itself (another model chosen): for the next run only
+        self._shortcuts = []
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self.onPollProcess)
         self._rethresholdTimer = qt.QTimer()
         self._rethresholdTimer.setSingleShot(True)
-        self._rethresholdTimer.setInterval(600)
+        self._rethresholdTimer.setInterval(RETHRESHOLD_DELAY_MS)
         self._rethresholdTimer.timeout.connect(self.onRethreshold)
 
     def setup(self) -> None:
@@ -114,6 +138,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = LungNoduleAILogic(slicer.mrmlScene)
+        self.session = ReviewSession(self.logic)
 
         for key, title in DEVICES:
             self.ui.deviceComboBox.addItem(_(title), key)
@@ -129,8 +154,9 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda _path: self.onModelPathChanged())
-        self.ui.thresholdSliderWidget.connect("valueChanged(double)", lambda _value: self._rethresholdTimer.start())
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda _node: self.updateCandidatesTable())
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
+        # the node the signal passes: the parameter node may still hold the previous one when this runs
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.showProbabilityCheckBox.connect("toggled(bool)", lambda _checked: self.updateOverlay())
         self.ui.opacitySliderWidget.connect("valueChanged(double)", lambda _value: self.updateOverlay())
         self.ui.candidatesTable.connect("itemSelectionChanged()", self.onCandidateSelected)
@@ -140,34 +166,47 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextButton.connect("clicked(bool)", self.selectNextPending)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
-        self._shortcuts = []
         for key, callback in (
             ("A", lambda: self.setSelectedStatus(ACCEPTED)),
             ("R", lambda: self.setSelectedStatus(REJECTED)),
             ("F", lambda: self.setSelectedStatus(FLAGGED)),
             ("N", self.selectNextPending),
         ):
-            shortcut = qt.QShortcut(qt.QKeySequence(key), self.ui.candidatesTable)
-            shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())  # panel-wide: enabled only while the module is shown
+            shortcut.setContext(qt.Qt.WindowShortcut)
+            shortcut.setEnabled(False)
             shortcut.connect("activated()", callback)
             self._shortcuts.append(shortcut)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self.cancelProcess()
+        self._rethresholdTimer.stop()
+        self._timer.stop()
+        if self._process is not None:
+            self._process.cancel(timeout=2.0)  # the application is closing: wait for the kill here
+            self._process = None
+        self._removeWorkDir()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        self._shortcuts = []
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(True)
 
     def exit(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._rethresholdTimer.stop()
         self.cancelProcess()
         self.setParameterNode(None)
 
@@ -200,40 +239,68 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanDetect()
 
     def onModelPathChanged(self) -> None:
-        """Set the threshold to the one the chosen (or bundled) model was validated at."""
+        """Set the threshold of the next run to the one the chosen (or bundled) model was validated at; shown candidates stay."""
         path = self.ui.modelPathLineEdit.currentPath or None
-        if self._parameterNode and (path is None or os.path.isfile(path)):
-            with slicer.util.tryWithErrorDisplay(_("Could not read the model's threshold."), waitCursor=False):
-                self._parameterNode.threshold = self.logic.defaultThreshold(path)
+        if not self._parameterNode or (path is not None and not os.path.isfile(path)):
+            return
+        try:
+            threshold = self.logic.defaultThreshold(path)
+        except ValueError as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        self._settingThreshold = True
+        try:
+            self._parameterNode.threshold = threshold
+        finally:
+            self._settingThreshold = False
 
     def _checkCanDetect(self, caller=None, event=None) -> None:
         running = self._process is not None
         hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
-        self.ui.detectButton.enabled = running or hasInput
+        self.ui.detectButton.enabled = (running and not self._process.cancelling) or (not running and hasInput)
         self.ui.detectButton.text = _("Cancel") if running else _("Detect nodules")
         self.ui.detectButton.toolTip = _("Stop the running detection") if running else _("Detect lung nodules in the input CT")
 
+    def _expected(self, exc: ValueError) -> None:
+        """An expected condition (nothing selected, nothing to export...): say it in the panel, no traceback."""
+        self.ui.statusLabel.text = str(exc)
+
     # ------------------------------------------------------------------ dependencies
 
-    def ensurePackage(self, importName: str, requirement: str) -> bool:
-        """Install one optional package with pip after asking; False if the user declined or it cannot be imported yet."""
-        if importlib.util.find_spec(importName) is not None:
+    def _pipInstall(self, requirements: list) -> None:
+        """pip install that never replaces a package Slicer bundles or the PyTorch extension installed (a constraints file pins them)."""
+        constraints = os.path.join(slicer.util.tempDirectory("LungNoduleAI"), "constraints.txt")
+        with open(constraints, "w", encoding="utf-8") as f:
+            f.write(pipConstraints(installedVersions()))
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install([*requirements, "-c", constraints])
+        importlib.invalidate_caches()
+
+    def ensureDicomExport(self) -> bool:
+        """highdicom for DICOM SEG/SR: Slicer's own on 5.12; on 5.10 the release that fits its pydicom 2.4, after asking."""
+        versions = installedVersions(("pydicom", "highdicom"))
+        try:
+            requirement = dicomExportRequirement(versions.get("pydicom"), versions.get("highdicom"))
+        except ValueError as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("DICOM export"))
+            return False
+        if requirement is None:
             return True
         if not slicer.util.confirmOkCancelDisplay(
-            _("This export needs the Python package '{package}', which is not installed. Install it now (from PyPI)?").format(package=requirement),
-            windowTitle=_("Install {package}").format(package=importName),
+            _("DICOM SEG/SR export needs '{package}', which is not installed. Install it now (from PyPI)? Slicer's own pydicom is kept.").format(
+                package=requirement
+            ),
+            windowTitle=_("Install highdicom"),
         ):
             return False
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(requirement)
-        importlib.invalidate_caches()
-        if importlib.util.find_spec(importName) is None:
-            slicer.util.errorDisplay(_("'{package}' was installed but cannot be imported yet: restart Slicer and export again.").format(package=importName))
+        self._pipInstall([requirement])
+        if importlib.util.find_spec("highdicom") is None:
+            slicer.util.errorDisplay(_("highdicom was installed but cannot be imported yet: restart Slicer and export again."))
             return False
         return True
 
     def ensureDependencies(self) -> bool:
-        """Make sure torch and the engine's packages can be imported; ask before installing anything."""
+        """Make sure torch and MONAI can be imported; ask before installing anything."""
         if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
@@ -244,11 +311,11 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=True)
+                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
                 if torch is None:
                     slicer.util.errorDisplay(_("PyTorch was not installed, so detection cannot run."))
                     return False
-        missing = [req for name, req in PIP_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+        missing = missingForDetection()
         if missing:
             if not slicer.util.confirmOkCancelDisplay(
                 _("Lung Nodule AI needs these Python packages: {packages}. Install them now? (needs a network connection, a few minutes)").format(
@@ -257,10 +324,8 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("Install Python packages"),
             ):
                 return False
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(" ".join(missing))
-            importlib.invalidate_caches()
-            stillMissing = [name for name in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
+            self._pipInstall(missing)  # torch, numpy... pinned: MONAI cannot pull another torch over the PyTorch extension's
+            stillMissing = missingForDetection()
             if stillMissing:
                 slicer.util.errorDisplay(
                     _("Packages {packages} were installed but cannot be imported yet: restart Slicer and click Detect again.").format(
@@ -275,16 +340,17 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDetectButton(self) -> None:
         if self._process is not None:
             self.cancelProcess()
-            self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
+            return
+        volume = self._parameterNode.inputVolume
+        try:
+            self.logic.ctFromVolume(volume)  # refuses what is not a CT, with the reason
+        except ValueError as exc:
+            self._expected(exc)
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start nodule detection."), waitCursor=True):
-            volume = self._parameterNode.inputVolume
-            self.logic.ctFromVolume(volume)  # refuses what is not a CT, with the reason
             if not self.ensureDependencies():
                 return
-            from LungNoduleAILogic.process import EngineProcess, detectCommand, engineEnvironment
-
-            self._workDir = tempfile.mkdtemp(prefix="LungNoduleAI-")
+            self._workDir = slicer.util.tempDirectory("LungNoduleAI")
             inputPath = os.path.join(self._workDir, "input.nrrd")
             self.logic.writeVolume(volume, inputPath)
             command = detectCommand(
@@ -295,10 +361,9 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 modelPath=self.ui.modelPathLineEdit.currentPath or None,
                 useLungMask=self._parameterNode.useLungMask,
             )
-            env = engineEnvironment(slicer.util.startupEnvironment())
             logging.info("LungNoduleAI: %s", " ".join(command))
             self._runVolume = volume
-            self._process = EngineProcess(command, env)
+            self._process = EngineProcess(command, engineEnvironment(slicer.util.startupEnvironment()))
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
             self.ui.statusLabel.text = _("Starting...")
@@ -310,13 +375,15 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             return
         for event in self._process.poll():
-            if event.kind == "progress":
-                self.ui.progressBar.value = int(100 * event.data.get("fraction", 0))
-                self.ui.statusLabel.text = _("{stage}... {seconds:.0f} s").format(stage=event.data.get("stage", ""), seconds=self._process.elapsed())
-            elif event.kind == "model":
-                self.ui.deviceUsedLabel.text = event.data.get("device", "")
-            elif event.kind == "finished":
+            update = ReviewSession.panelUpdate(event)
+            if update.progressPercent is not None and not self._process.cancelling:
+                self.ui.progressBar.value = update.progressPercent
+                self.ui.statusLabel.text = _("{stage}... {seconds:.0f} s").format(stage=update.stage, seconds=self._process.elapsed())
+            if update.deviceText is not None:
+                self.ui.deviceUsedLabel.text = update.deviceText
+            if update.finished:
                 self._onProcessFinished(event.data)
+                return
 
     def _onProcessFinished(self, data: dict) -> None:
         process, self._process = self._process, None
@@ -325,6 +392,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanDetect()
         try:
             if data["cancelled"]:
+                self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
                 return
             if data["returncode"] != 0:
                 reason = process.errors[-1]["error"] if process.errors else "\n".join(process.log[-3:])
@@ -337,18 +405,15 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("{count} candidate(s) in {seconds:.0f} s on {device}.").format(
                     count=len(result.candidates), seconds=process.elapsed(), device=result.report.get("device", "?")
                 )
-                self.ui.deviceUsedLabel.text = result.report.get("device", "?")
         finally:
             self._removeWorkDir()
 
     def cancelProcess(self) -> None:
-        """Kill the engine process tree; nothing is added to the scene."""
-        if self._process is not None:
-            self._process.cancel()
-            self._process = None
-        self._timer.stop()
-        self.ui.progressBar.visible = False
-        self._removeWorkDir()
+        """Ask the engine process tree to stop without waiting here; polling reports when it is gone. Nothing is added to the scene."""
+        if self._process is None:
+            return
+        self._process.requestCancel()
+        self.ui.statusLabel.text = _("Cancelling...")
         self._checkCanDetect()
 
     def _removeWorkDir(self) -> None:
@@ -361,19 +426,19 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showResult(self, result) -> None:
         for node in (result.probabilityNode, result.labelmapNode, result.segmentationNode, result.tableNode):
             node.SetAttribute(ATTR_OUTPUT, "1")
-        self._parameterNode.segmentation = result.segmentationNode
         if result.labelmapNode.GetDisplayNode() is not None:
             result.labelmapNode.GetDisplayNode().SetVisibility(False)  # the segmentation shows the same voxels
-        self.updateOverlay()
-        self.updateCandidatesTable()
+        self._parameterNode.segmentation = result.segmentationNode  # the selector's signal (onSegmentationChanged) fills the table
         if self.ui.candidatesTable.rowCount:
             self.ui.candidatesTable.selectRow(0)
 
-    def currentSegmentation(self):
-        return self._parameterNode.segmentation if self._parameterNode else None
+    def onSegmentationChanged(self, node) -> None:
+        self.session.setSegmentation(node)
+        self.updateOverlay()
+        self.updateCandidatesTable()
 
     def updateOverlay(self) -> None:
-        seg = self.currentSegmentation()
+        seg = self.session.segmentationNode if self.session else None
         if seg is None:
             return
         probability = seg.GetNodeReference(REF_PROBABILITY)
@@ -387,122 +452,120 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateCandidatesTable(self) -> None:
         table = self.ui.candidatesTable
-        seg = self.currentSegmentation()
-        selected = self.selectedSegmentId()
-        table.setRowCount(0)
-        if seg is None:
-            return
-        ids = self.logic.candidateSegmentIds(seg)
-        table.setRowCount(len(ids))
-        segmentation = seg.GetSegmentation()
-        for row, segmentId in enumerate(ids):
-            segment = segmentation.GetSegment(segmentId)
-            values = {**self.logic.segmentMeasurements(segment), "status": _(self.logic.candidateStatus(seg, segmentId))}
+        rows = self.session.rows()
+        wasBlocked = table.blockSignals(True)
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            values = {"rank": row.rank, "probability": row.probability, "diameter_mm": row.diameter_mm, "volume_mm3": row.volume_mm3, "status": _(row.status)}
             for col, (key, _title) in enumerate(TABLE_COLUMNS):
                 item = qt.QTableWidgetItem(str(values[key]))
-                item.setData(qt.Qt.UserRole, segmentId)
-                table.setItem(row, col, item)
-            if segmentId == selected:
-                table.selectRow(row)
+                item.setData(qt.Qt.UserRole, row.segmentId)
+                table.setItem(r, col, item)
+            if row.segmentId == self.session.selectedId:
+                table.selectRow(r)
+        table.blockSignals(wasBlocked)
 
-    def selectedSegmentId(self) -> Optional[str]:
-        items = self.ui.candidatesTable.selectedItems()
-        return items[0].data(qt.Qt.UserRole) if items else None
+    def _selectRow(self, segmentId: Optional[str]) -> None:
+        ids = [row.segmentId for row in self.session.rows()]
+        if segmentId in ids:
+            self.ui.candidatesTable.selectRow(ids.index(segmentId))
 
     def onCandidateSelected(self) -> None:
-        seg, segmentId = self.currentSegmentation(), self.selectedSegmentId()
-        if seg is None or segmentId is None:
+        items = self.ui.candidatesTable.selectedItems()
+        center = self.session.select(items[0].data(qt.Qt.UserRole) if items else None)
+        if center is None:
             return
-        segment = seg.GetSegmentation().GetSegment(segmentId)
-        center = self.logic.segmentCenterRas(segment)
-        if center:
-            r, a, s = center
-        else:
-            r, a, s = seg.GetSegmentCenterRAS(segmentId)
-        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+        slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
+        seg = self.session.segmentationNode
         display = seg.GetDisplayNode()
         if display is not None:
-            for sid in self.logic.candidateSegmentIds(seg):
-                display.SetSegmentOpacity2DOutline(sid, 1.0 if sid == segmentId else 0.6)
+            for row in self.session.rows():
+                display.SetSegmentOpacity2DOutline(row.segmentId, 1.0 if row.segmentId == self.session.selectedId else 0.6)
 
     def setSelectedStatus(self, status: str) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not set the review status."), waitCursor=False):
-            seg, segmentId = self.currentSegmentation(), self.selectedSegmentId()
-            if seg is None or segmentId is None:
-                raise ValueError(_("Select a candidate in the table first."))
-            self.logic.setCandidateStatus(seg, segmentId, status)
-            self.updateCandidatesTable()
-            if status != FLAGGED:
-                self.selectNextPending()
+        try:
+            nextId = self.session.setStatus(status)
+        except ValueError as exc:
+            self._expected(exc)
+            return
+        self.updateCandidatesTable()
+        self._selectRow(nextId)
+        if status != FLAGGED and self.session.nextPending() is None:
+            self.ui.statusLabel.text = _("All candidates are reviewed.")
 
     def selectNextPending(self) -> None:
-        seg = self.currentSegmentation()
-        if seg is None:
+        nextId = self.session.nextPending()
+        if nextId is None:
+            self.ui.statusLabel.text = _("All candidates are reviewed.")
             return
-        ids = self.logic.candidateSegmentIds(seg)
-        current = self.selectedSegmentId()
-        start = ids.index(current) + 1 if current in ids else 0
-        for offset in range(len(ids)):
-            sid = ids[(start + offset) % len(ids)]
-            if self.logic.candidateStatus(seg, sid) == PENDING:
-                self.ui.candidatesTable.selectRow(ids.index(sid))
-                return
-        self.ui.statusLabel.text = _("All candidates are reviewed.")
+        self._selectRow(nextId)
 
     def onEditButton(self) -> None:
+        try:
+            seg, volume, segmentId = self.session.editTarget()
+        except ValueError as exc:
+            self._expected(exc)
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not open the Segment Editor."), waitCursor=True):
-            seg, segmentId = self.currentSegmentation(), self.selectedSegmentId()
-            if seg is None or segmentId is None:
-                raise ValueError(_("Select a candidate in the table first."))
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
             editor.setSegmentationNode(seg)
-            editor.setSourceVolumeNode(seg.GetNodeReference(REF_VOLUME))
+            editor.setSourceVolumeNode(volume)
             editor.setCurrentSegmentID(segmentId)
 
+    def onThresholdChanged(self, value: float) -> None:
+        if self.session.thresholdEdited(value, byUser=not self._settingThreshold):
+            self._rethresholdTimer.start()  # once the slider rests: a drag re-derives once
+
     def onRethreshold(self) -> None:
-        seg = self.currentSegmentation()
-        if seg is None or seg.GetNodeReference(REF_PROBABILITY) is None:
+        try:
+            with slicer.util.WaitCursor():
+                self.session.rethreshold(self._parameterNode.threshold)
+        except ValueError as exc:  # e.g. the model that made the candidates is gone
+            slicer.util.warningDisplay(str(exc), windowTitle=_("Threshold not applied"))
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not apply the new threshold."), waitCursor=True):
-            self.logic.rethreshold(seg, self._parameterNode.threshold)
-            self.updateCandidatesTable()
+        self.updateCandidatesTable()
 
     def onExportButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Export failed; nothing was written."), waitCursor=True):
-            seg = self.currentSegmentation()
-            if seg is None:
-                raise ValueError(_("Select the nodule segmentation to export."))
-            volume = seg.GetNodeReference(REF_VOLUME) or self._parameterNode.inputVolume
-            formats = [
-                fmt
-                for fmt, box in (
-                    ("seg.nrrd", self.ui.exportSegNrrdCheckBox),
-                    ("nii.gz", self.ui.exportNiftiCheckBox),
-                    ("csv", self.ui.exportCsvCheckBox),
-                    ("json", self.ui.exportJsonCheckBox),
-                    ("dcm-seg", self.ui.exportDicomSegCheckBox),
-                    ("dcm-sr", self.ui.exportDicomSrCheckBox),
-                )
-                if box.checked
-            ]
-            if ("dcm-seg" in formats or "dcm-sr" in formats) and not self.ensurePackage("highdicom", "highdicom>=0.26"):
-                return
-            ids = self.logic.candidateSegmentIds(seg)
-            pending = [sid for sid in ids if self.logic.candidateStatus(seg, sid) in UNRESOLVED_STATUSES]
-            # DICOM files come from the DICOM database through the volume's DICOM.instanceUIDs (see the Logic)
-            paths = self.logic.exportReviewed(
-                seg,
-                volume,
-                self.ui.exportDirectoryButton.directory,
-                formats,
-                includePending=self.ui.includePendingCheckBox.checked,
-                segmentationType="fractional" if self.ui.fractionalSegCheckBox.checked else "binary",
+        seg = self.session.segmentationNode
+        if seg is None:
+            self._expected(ValueError(_("Select the nodule segmentation to export.")))
+            return
+        volume = self.session.exportVolume(self._parameterNode.inputVolume)
+        formats = [
+            fmt
+            for fmt, box in (
+                ("seg.nrrd", self.ui.exportSegNrrdCheckBox),
+                ("nii.gz", self.ui.exportNiftiCheckBox),
+                ("csv", self.ui.exportCsvCheckBox),
+                ("json", self.ui.exportJsonCheckBox),
+                ("dcm-seg", self.ui.exportDicomSegCheckBox),
+                ("dcm-sr", self.ui.exportDicomSrCheckBox),
             )
-            message = _("Wrote:\n{files}").format(files="\n".join(paths))
-            if pending:
-                message += "\n\n" + _("Warning: {count} candidate(s) are still pending or flagged.").format(count=len(pending))
-            slicer.util.infoDisplay(message, windowTitle=_("Export reviewed labels"))
+            if box.checked
+        ]
+        if ("dcm-seg" in formats or "dcm-sr" in formats) and not self.ensureDicomExport():
+            return
+        unresolved = self.session.unresolvedCount()
+        folder = self.session.exportFolder(self.ui.exportDirectoryButton.directory, volume)  # a new folder each time: earlier exports stay
+        try:
+            with slicer.util.WaitCursor():
+                # DICOM files come from the DICOM database through the volume's DICOM.instanceUIDs (see the Logic)
+                paths = self.logic.exportReviewed(
+                    seg,
+                    volume,
+                    folder,
+                    formats,
+                    includePending=self.ui.includePendingCheckBox.checked,
+                    segmentationType="fractional" if self.ui.fractionalSegCheckBox.checked else "binary",
+                )
+        except ValueError as exc:  # unresolved candidates, none accepted, another CT...: said as it is, nothing written
+            slicer.util.warningDisplay(str(exc), windowTitle=_("Export reviewed labels"))
+            return
+        message = _("Wrote:\n{files}").format(files="\n".join(paths))
+        if unresolved and self.ui.includePendingCheckBox.checked:
+            message += "\n\n" + _("Warning: {count} candidate(s) are still pending or flagged.").format(count=unresolved)
+        slicer.util.infoDisplay(message, windowTitle=_("Export reviewed labels"))
 
 
 #
@@ -511,28 +574,37 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class LungNoduleAITest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: detection on the bundled sample, review, export."""
+    """Runs inside Slicer: detect on the bundled sample, review, save and reload the segmentation, re-threshold, export.
+
+    Needs torch and MONAI in Slicer's Python (the PyTorch extension, then Detect once in the panel installs
+    MONAI after asking); without them it says so and stops, installing nothing.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_DetectReviewExport()
+        self.test_DetectReviewReloadRethresholdExport()
 
-    def test_DetectReviewExport(self):
+    def test_DetectReviewReloadRethresholdExport(self):
         import json
 
         import numpy as np
 
         from LungNoduleAILib.sample import sample_ct_path
+        from LungNoduleAILogic.names import ATTR_MODEL, ATTR_THRESHOLD, REF_TABLE
 
+        missing = [name for name in ("torch", "monai") if importlib.util.find_spec(name) is None]
+        if missing:
+            self.delayDisplay(f"Skipped: {', '.join(missing)} not installed (install the PyTorch extension, then click Detect once in the module).")
+            return
         self.delayDisplay("Loading the bundled sample CT")
         volume = slicer.util.loadVolume(str(sample_ct_path()))
         logic = LungNoduleAILogic()
         self.delayDisplay("Detecting nodules (in-process)")
-        result = logic.detect(volume, device="auto")
-        self.assertGreaterEqual(len(result.candidates), 1)
+        result = logic.detect(volume, device="auto", threshold=0.1)  # a low threshold: several candidates to review
+        self.assertGreaterEqual(len(result.candidates), 2)
         noduleRAS = np.array([-56.208, -86.343, -115.868])  # LIDC-IDRI-0001 reference nodule
         top = np.array(result.candidates[0]["center_ras_mm"])
         self.assertLess(float(np.linalg.norm(top - noduleRAS)), 23.35 / 2)
@@ -540,15 +612,29 @@ class LungNoduleAITest(ScriptedLoadableModuleTest):
         ids = logic.candidateSegmentIds(seg)
         self.assertEqual(len(ids), len(result.candidates))
         logic.setCandidateStatus(seg, ids[0], ACCEPTED)
-        for sid in ids[1:]:
-            logic.setCandidateStatus(seg, sid, REJECTED)
-        outDir = tempfile.mkdtemp(prefix="LungNoduleAITest-")
+        outDir = slicer.util.tempDirectory("LungNoduleAITest")
         try:
-            paths = logic.exportReviewed(seg, volume, outDir)
+            self.delayDisplay("Saving and reloading the segmentation")
+            path = os.path.join(outDir, "review.seg.nrrd")
+            self.assertTrue(slicer.util.saveNode(seg, path))
+            back = slicer.util.loadSegmentation(path)
+            for role in (REF_PROBABILITY, REF_VOLUME, REF_TABLE):
+                back.SetNodeReferenceID(role, seg.GetNodeReferenceID(role))
+            for attr in (ATTR_MODEL, ATTR_THRESHOLD):
+                back.SetAttribute(attr, seg.GetAttribute(attr))
+            self.assertEqual([logic.isEdited(back, sid) for sid in ids], [False] * len(ids))  # shared layers after reload
+            self.assertEqual(logic.candidateStatus(back, ids[0]), ACCEPTED)
+            self.delayDisplay("Re-thresholding: the accepted candidate stays, the pending ones are re-derived")
+            logic.rethreshold(back, 0.9)
+            self.assertIn(ids[0], logic.candidateSegmentIds(back))
+            for sid in logic.candidateSegmentIds(back)[1:]:
+                logic.setCandidateStatus(back, sid, REJECTED)
+            self.delayDisplay("Exporting the reviewed labels")
+            paths = logic.exportReviewed(back, volume, os.path.join(outDir, "export"))
             self.assertEqual(len(paths), 4)
-            with open(os.path.join(outDir, f"{volume.GetName()}_reviewed_nodules.json")) as f:
+            with open(os.path.join(outDir, "export", f"{volume.GetName()}_reviewed_nodules.json")) as f:
                 report = json.load(f)
-            self.assertEqual(len(report["nodules"]), 1)
+            self.assertEqual([n["algorithm_type"] for n in report["nodules"]], ["AUTOMATIC"])
         finally:
             shutil.rmtree(outDir, ignore_errors=True)
         self.delayDisplay("Test passed")

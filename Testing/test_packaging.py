@@ -102,3 +102,15 @@ def test_bridge_never_imports_qt():
     for path in (MODULE / "LungNoduleAILogic").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk|slicer\.ScriptedLoadableModule|slicer\.parameterNodeWrapper)\b", text, re.M), path.name
+
+
+def test_the_panel_code_holds_bindings_not_decisions():
+    """The Qt file, which no test here can run, uses the Logic's public API and the review session, not private Logic methods or tag names."""
+    code = (MODULE / "LungNoduleAI.py").read_text(encoding="utf-8")
+    assert not re.findall(r"self\.logic\._\w+", code), "the panel calls private Logic methods"
+    names = re.findall(r"[\"']LungNoduleAI\.[A-Z]\w*[\"']", code)  # tag, attribute and reference names look like LungNoduleAI.ReviewStatus
+    assert not names, f"{names}: tag and attribute names belong in LungNoduleAILib.review / LungNoduleAILogic.names"
+    assert "ReviewSession(" in code and "tryWithErrorDisplay" in code  # decisions in the session; unexpected faults still shown with their traceback
+    input_selector = ET.parse(MODULE / "Resources" / "UI" / "LungNoduleAI.ui").getroot().find(".//widget[@name='inputVolumeSelector']")
+    none_enabled = [p.findtext("bool") for p in input_selector.iter("property") if p.get("name") == "noneEnabled"]
+    assert none_enabled == ["false"], "a CT loaded while the module is open must be picked (noneEnabled false)"
