@@ -200,7 +200,7 @@ def dciodvfy_errors(path) -> list[str]:
 
 
 def sr_groups(sr_path) -> list[dict]:
-    """Measurement groups of a TID 1500 SR: tracking id/uid, referenced segment, and NUM values by concept code."""
+    """Measurement groups of a TID 1500 SR: tracking id/uid, referenced segment, NUM values and CODE values by concept code."""
     sr = pydicom.dcmread(str(sr_path))
     groups = []
 
@@ -213,6 +213,8 @@ def sr_groups(sr_path) -> list[dict]:
                     code = c.ConceptNameCodeSequence[0].CodeValue
                     if c.ValueType == "NUM":
                         g["values"][code] = float(c.MeasuredValueSequence[0].NumericValue)
+                    elif c.ValueType == "CODE" and code not in ("121071",):  # qualitative evaluations (not the finding)
+                        g.setdefault("codes", {})[code] = c.ConceptCodeSequence[0].CodeValue
                     elif code == "112039":
                         g["tracking_id"] = c.TextValue
                     elif code == "112040":

@@ -121,3 +121,28 @@ def test_dicom_series_folder_end_to_end(tmp_path):
     prob = sitk.ReadImage(str(tmp_path / "ct-64_probability.nrrd"))
     assert list(prob.GetSize()) == report["input"]["size_ijk"]
     np.testing.assert_allclose(prob.GetOrigin(), report["input"]["origin_lps_mm"], atol=1e-3)
+
+
+def test_findings_for_a_report(sample_run, tmp_path):
+    """Issue 25: each candidate's type, guideline diameters, Lung-RADS, location and Brock risk; the exam's category; the inputs' sources."""
+    out, _ = sample_run
+    report = json.loads((out / "LIDC-IDRI-0001_sample_nodules.json").read_text())
+    top = report["candidates"][0]
+    assert top["type"] in ("solid", "part-solid", "non-solid", "calcified") and top["mean_diameter_mm"] > 15  # the 23 mm nodule
+    assert top["long_axis_mm"] >= top["short_axis_mm"] > 0 and top["lung_rads"] == "4B"
+    assert top["location"]["side"] == "left" and top["pleural_distance_mm"] is not None  # LIDC-IDRI-0001: LPS x +56 mm, the patient's left
+    assert top["brock_risk"] is None and any("No Brock risk" in n for n in report["notes"])  # no age or sex given: not guessed
+    assert report["lung_rads"] == {"version": "v2022", "category": "4B", "candidate_id": top["id"]}
+    assert set(report["emphysema"]) == {"laa950_percent", "present", "cut_off_percent"}
+    proc = run_cli("detect", SAMPLE_CT, "-o", tmp_path, "--device", "cpu", "--patient-age", "65", "--patient-sex", "F", "--spiculated", "1")
+    assert proc.returncode == 0, proc.stderr
+    with_patient = json.loads((tmp_path / "LIDC-IDRI-0001_sample_nodules.json").read_text())
+    assert with_patient["patient"]["sources"] == {"age": "command line", "sex": "command line", "spiculated": "command line"}
+    risk = with_patient["candidates"][0]["brock_risk"]
+    assert 0.0 < risk < 1.0
+    header = (tmp_path / "LIDC-IDRI-0001_sample_nodules.csv").read_text().splitlines()[0].split(",")
+    assert {"type", "mean_diameter_mm", "solid_component_mean_diameter_mm", "lung_rads", "side", "zone", "brock_risk"} <= set(header)
+    seg = sitk.ReadImage(str(tmp_path / "LIDC-IDRI-0001_sample.seg.nrrd"))
+    assert "LungNoduleAI.LungRADS:4B" in seg.GetMetaData("Segment0_Tags")
+    proc = run_cli("detect", SAMPLE_CT, "-o", tmp_path / "x", "--spiculated", "first")
+    assert proc.returncode == 2 and "--spiculated takes candidate ids" in proc.stderr

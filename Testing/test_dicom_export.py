@@ -95,7 +95,11 @@ def test_reviewed_sample_exports_seg_and_sr_that_match_the_labels_and_csv(detect
         assert g["seg_uid"] == seg.SOPInstanceUID and g["segment"] == int(row["rank"])
         assert g["tracking_uid"] == s.TrackingUID
         v = g["values"]
-        assert v["103339001"] == pytest.approx(float(row["longest_axial_diameter_mm"]), abs=0.006)
+        assert v["103339001"] == pytest.approx(float(row["long_axis_mm"]), abs=0.06)  # the Lung-RADS long axis (issue 25)
+        assert v["103340004"] == pytest.approx(float(row["short_axis_mm"]), abs=0.06)
+        assert v["81827009"] == pytest.approx(float(row["mean_diameter_mm"]), abs=0.06)  # diameter, derivation mean
+        assert v["SOLIDDIAM"] == pytest.approx(float(row["solid_component_mean_diameter_mm"]), abs=0.06)
+        assert g["codes"]["NODTYPE"] in ("SOLID", "PARTSOLID", "112120", "237897009") and g["codes"]["111005"] == "LR2022-" + row["lung_rads"]
         assert v["EQDIAM"] == pytest.approx(float(row["diameter_mm"]), abs=0.006)
         assert v["118565006"] == pytest.approx(float(row["volume_mm3"]), abs=0.06)
         assert v["373098007"] == pytest.approx(float(row["mean_hu"]), abs=0.06)

@@ -9,6 +9,7 @@ from typing import Collection, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .characterise import characterise
 from .geometry import lps_to_ras
 
 __all__ = [
@@ -46,6 +47,14 @@ class Candidate:
         mean_hu: mean CT value inside the candidate (HU).
         voxels: number of CT voxels.
         score: second-stage (candidate-level) score 0-1 when the model has a rescorer, else ``None``.
+        type: ``solid``, ``part-solid``, ``non-solid`` or ``calcified`` (:func:`.characterise.nodule_type`).
+        long_axis_mm, short_axis_mm: Lung-RADS v2022 axes on the image where the nodule is longest (mm, one decimal).
+        mean_diameter_mm: their mean, one decimal (the Lung-RADS size).
+        solid_component_mean_diameter_mm, solid_component_volume_mm3: the solid part's size (mm) and volume (mm³).
+        lung_rads: the v2022 baseline category this nodule alone suggests (``"1"`` ... ``"4B"``).
+        location: ``{"side", "zone"}`` from the lung mask (thirds of the lung's height), ``None`` without one.
+        pleural_distance_mm: centre to pleura (mm), ``None`` without a lung mask.
+        brock_risk: Brock (PanCan) probability of malignancy, ``None`` when age or sex is unknown.
     """
 
     id: int
@@ -62,6 +71,16 @@ class Candidate:
     mean_hu: float
     voxels: int
     score: float | None = None
+    type: str | None = None
+    long_axis_mm: float | None = None
+    short_axis_mm: float | None = None
+    mean_diameter_mm: float | None = None
+    solid_component_mean_diameter_mm: float | None = None
+    solid_component_volume_mm3: float | None = None
+    lung_rads: str | None = None
+    location: dict | None = None
+    pleural_distance_mm: float | None = None
+    brock_risk: float | None = None
 
     @classmethod
     def from_dict(cls, record: dict) -> "Candidate":
@@ -144,6 +163,7 @@ def measure_candidates(
         box = (slice(z0, z0 + sz), slice(y0, y0 + sy), slice(x0, x0 + sx))  # HU and p statistics on the label's box, not the whole grid
         centre_lps = list(shape.GetCentroid(lbl))
         crop = np.asarray(lab_arr[box]) == lbl
+        hu_box = np.asarray(hu_arr[box])
         vol = n * voxel_mm3
         peak = mean_p = 0.0
         if p_arr is not None:
@@ -164,8 +184,9 @@ def measure_candidates(
                 volume_mm3=round(vol, 3),
                 diameter_mm=round((6.0 * vol / math.pi) ** (1.0 / 3.0), 3),
                 longest_axial_diameter_mm=round(longest_axial_diameter_mm(crop, ct_hu.GetSpacing()[:2]), 3),
-                mean_hu=round(float(np.asarray(hu_arr[box])[crop].mean(dtype=np.float64)), 1),
+                mean_hu=round(float(hu_box[crop].mean(dtype=np.float64)), 1),
                 voxels=n,
+                **characterise(crop, hu_box, ct_hu.GetSpacing()),
             )
         )
     return out

@@ -322,19 +322,57 @@ def _segmentation(hd, sources, masks, descriptions, series_number, model_name, s
 
 
 def sr_measurements(segment: ExportSegment) -> list:
-    """The TID 1500 measurements of one nodule: (concept, value, unit) triples, in report order."""
+    """The TID 1500 measurements of one nodule: (concept, value, unit, derivation or None) tuples, in report order.
+
+    The long and short axes are the Lung-RADS v2022 ones (on the image where the nodule is longest;
+    SNOMED "Long axis", "Short axis"), their mean is "Diameter" with derivation "Mean"; the solid
+    component's mean diameter and volume have no standard concept and take private codes.
+    """
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
 
     m = segment.measurements
-    out = [
-        (codes.SCT.LongAxis, m["longest_axial_diameter_mm"], codes.UCUM.Millimeter),
-        (Code("EQDIAM", _PRIVATE_SCHEME, "Equivalent sphere diameter"), m["diameter_mm"], codes.UCUM.Millimeter),
-        (codes.SCT.Volume, m["volume_mm3"], codes.UCUM.CubicMillimeter),
-        (codes.SCT.Mean, m["mean_hu"], codes.UCUM.HounsfieldUnit),
+    mm, mm3 = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter
+    out = []
+    if m.get("long_axis_mm") is not None:
+        out += [(codes.SCT.LongAxis, m["long_axis_mm"], mm, None), (codes.SCT.ShortAxis, m["short_axis_mm"], mm, None)]
+        out.append((codes.SCT.Diameter, m["mean_diameter_mm"], mm, codes.SCT.Mean))
+    else:  # measurements made before the characterisation: the longest axial diameter
+        out.append((codes.SCT.LongAxis, m["longest_axial_diameter_mm"], mm, None))
+    out += [
+        (Code("EQDIAM", _PRIVATE_SCHEME, "Equivalent sphere diameter"), m["diameter_mm"], mm, None),
+        (codes.SCT.Volume, m["volume_mm3"], mm3, None),
+        (codes.SCT.Mean, m["mean_hu"], codes.UCUM.HounsfieldUnit, None),
     ]
+    if m.get("solid_component_mean_diameter_mm") is not None:
+        out.append((Code("SOLIDDIAM", _PRIVATE_SCHEME, "Solid component mean diameter"), m["solid_component_mean_diameter_mm"], mm, None))
+        out.append((Code("SOLIDVOL", _PRIVATE_SCHEME, "Solid component volume"), m["solid_component_volume_mm3"], mm3, None))
     if m.get("probability") is not None:
-        out.append((Code("DETPROB", _PRIVATE_SCHEME, "Nodule detection probability"), m["probability"], Code("1", "UCUM", "no units")))
+        out.append((Code("DETPROB", _PRIVATE_SCHEME, "Nodule detection probability"), m["probability"], Code("1", "UCUM", "no units"), None))
+    return out
+
+
+NODULE_TYPE_CODES = {
+    "non-solid": ("112120", "DCM", "Ground glass opacity"),
+    "calcified": ("237897009", "SCT", "Calcified"),
+    "solid": ("SOLID", _PRIVATE_SCHEME, "Solid nodule"),
+    "part-solid": ("PARTSOLID", _PRIVATE_SCHEME, "Part-solid nodule"),
+}
+"""Coded value of each nodule type in the SR (DCM and SNOMED where a concept exists; private codes for solid and part-solid)."""
+
+
+def sr_evaluations(segment: ExportSegment) -> list:
+    """The TID 1500 qualitative evaluations of one nodule: (concept, value) code pairs: its type ("Lesion density"-like,
+    private concept) and the Lung-RADS v2022 category it suggests (DCM "Assessment Category", private values)."""
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    m = segment.measurements
+    out = []
+    if m.get("type") in NODULE_TYPE_CODES:
+        out.append((Code("NODTYPE", _PRIVATE_SCHEME, "Nodule type"), Code(*NODULE_TYPE_CODES[m["type"]])))
+    if m.get("lung_rads"):
+        out.append((codes.DCM.AssessmentCategory, Code(f"LR2022-{m['lung_rads']}", _PRIVATE_SCHEME, f"Lung-RADS v2022 category {m['lung_rads']}")))
     return out
 
 
@@ -352,7 +390,8 @@ def make_dicom_sr(
 
     Each group carries the nodule's tracking identifier and UID, a reference to
     its segment in ``seg_dataset`` (and through it the source CT), finding
-    "Nodule" at site "Lung", and the measurements of :func:`sr_measurements`.
+    "Nodule" at site "Lung", the measurements of :func:`sr_measurements` and the
+    qualitative evaluations of :func:`sr_evaluations` (type, Lung-RADS category).
 
     Returns:
         The ``highdicom.sr.Comprehensive3DSR`` dataset.
@@ -376,10 +415,12 @@ def make_dicom_sr(
     algorithm = hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64])
     groups = []
     for n, s in enumerate(segments, start=1):
+        algorithm_id = algorithm if s.algorithm_type != "MANUAL" else None
         measurements = [
-            hd.sr.Measurement(name=concept, value=float(value), unit=unit, algorithm_id=algorithm if s.algorithm_type != "MANUAL" else None)
-            for concept, value, unit in sr_measurements(s)
+            hd.sr.Measurement(name=concept, value=float(value), unit=unit, derivation=derivation, algorithm_id=algorithm_id)
+            for concept, value, unit, derivation in sr_measurements(s)
         ]
+        evaluations = [hd.sr.QualitativeEvaluation(name=concept, value=value) for concept, value in sr_evaluations(s)]
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=s.tracking_uid, identifier=s.tracking_id[:64]),
@@ -392,6 +433,7 @@ def make_dicom_sr(
                 finding_type=codes.SCT.Nodule,
                 finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
                 measurements=measurements,
+                qualitative_evaluations=evaluations or None,
             )
         )
     report = hd.sr.MeasurementReport(

@@ -38,6 +38,7 @@ from .review import (
     algorithm_type,
     review_status,
     select_for_export,
+    with_reader_overrides,
 )
 from .writers import SegmentationFile, mask_sha1, read_probability, read_segmentation, write_candidates_csv, write_json, write_segmentation_labelmap
 
@@ -246,6 +247,7 @@ def write_reviewed(
     records, export_segments = [], []
     for n, (seg, m) in enumerate(zip(segments, measured), start=1):
         tags = seg.tags
+        values = with_reader_overrides(m.to_dict(), tags)  # the reader's type, where set, and the category that follows
         prob = float(tags[TAG_PROBABILITY]) if tags.get(TAG_PROBABILITY) else None
         kind = algorithm_type(tags, seg.edited)
         uid = tags.get(TAG_TRACKING_UID) or tracking_uid(ct.series_uid or ct.name, seg.id, tags.get(TAG_DETECTED, seg.name))
@@ -254,7 +256,7 @@ def write_reviewed(
         tags.update(identity_tags(ct.identity()))
         records.append(
             {
-                **m.to_dict(),
+                **values,
                 "id": n,
                 "rank": n,
                 "segment_id": seg.id,
@@ -269,7 +271,7 @@ def write_reviewed(
                 "probability": prob if prob is not None else 0.0,
             }
         )
-        export_segments.append(ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**m.to_dict(), "probability": prob}, tuple(seg.color)))
+        export_segments.append(ExportSegment(seg.name, 0, n, kind, f"Nodule {n}", uid, {**values, "probability": prob}, tuple(seg.color)))
     fmt, first = next(iter(targets.items()))
     name = first.name[: -len(_SUFFIXES[fmt])] + "_reviewed"  # the set's name whatever formats were asked: one lock for one export
     with OutputSet(targets, overwrite, name=name, source=source_key(ct.identity()), what="export folder ") as out:

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .candidates import Candidate, find_candidates, lung_mask_on_grid
+from .exam import EMPHYSEMA_LAA_PERCENT, LungGeometry, PatientInputs, apply_brock, emphysema_laa_percent, exam_lung_rads, patient_from_dicom
 from .imageio import CTVolume, read_ct
 from .inference import DetectionCancelled, SlidingWindowPredictor
 from .model import LoadedModel, load_model, read_model_spec
@@ -64,6 +65,7 @@ class DetectionResult:
         lung_found: whether the lung crop was used.
         notes: remarks for the user (warnings, chosen DICOM series...).
         outputs: written files keyed by kind (after :meth:`Detector.detect_to_files`).
+        exam: per-exam findings (``lung_rads``, ``emphysema``, ``patient``; :meth:`Detector._findings`).
     """
 
     ct: CTVolume
@@ -76,6 +78,7 @@ class DetectionResult:
     lung_found: bool = False
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
+    exam: dict = field(default_factory=dict)
 
     @property
     def probability(self) -> sitk.Image:
@@ -94,6 +97,7 @@ class DetectionResult:
             "lung_mask": {"used": self.lung_found},
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "notes": self.notes,
+            **self.exam,
             "outputs": {k: p.name for k, p in self.outputs.items()},
             "candidates": [c.to_dict() for c in self.candidates],
         }
@@ -160,6 +164,7 @@ class _Run:
     should_cancel: Callable[[], bool] | None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    patient: PatientInputs | None = None
 
     def stage(self, name: str) -> None:
         """Enter stage ``name``: stop if cancelled, else report it."""
@@ -259,8 +264,9 @@ class Detector:
         use_lung_mask: bool = True,
         progress: Callable[[int, int, str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        patient: PatientInputs | None = None,
     ) -> DetectionResult:
-        """Detect nodule candidates in a CT (HU).
+        """Detect nodule candidates in a CT (HU) and characterise them (type, sizes, Lung-RADS, location, Brock risk).
 
         Args:
             ct: a :class:`CTVolume` or a SimpleITK image in HU.
@@ -269,19 +275,51 @@ class Detector:
             progress: ``progress(done, total, stage)``; for stages other than
                 inference ``done``/``total`` are 0/1 then 1/1.
             should_cancel: return True to stop (raises :class:`DetectionCancelled`).
+            patient: Brock inputs given by the caller; they take precedence over the DICOM header's.
         """
         if isinstance(ct, sitk.Image):
             ct = CTVolume(image=ct, path="<memory>", name="volume")
         threshold = self.spec.threshold if threshold is None else float(threshold)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"Threshold {threshold} is outside (0, 1); give a probability such as {self.spec.threshold}.")
-        run = _Run(ct, threshold, progress, should_cancel, notes=list(ct.notes))
+        run = _Run(ct, threshold, progress, should_cancel, notes=list(ct.notes), patient=patient)
         resampled = self._preprocess(run)
         crop = self._lung_crop(run, resampled, use_lung_mask)
         prob_ct, labelmap, cands = self._candidates(run, self._infer(run, resampled, crop), crop)
+        exam = self._findings(run, resampled, crop, cands)
         if progress is not None:
             progress(1, 1, "candidates")
-        return DetectionResult(ct, prob_ct, labelmap, cands, threshold, self.model.device, run.timings, crop.found, run.notes)
+        return DetectionResult(ct, prob_ct, labelmap, cands, threshold, self.model.device, run.timings, crop.found, run.notes, exam=exam)
+
+    def _findings(self, run: _Run, resampled: sitk.Image, crop: _Crop, cands: list[Candidate]) -> dict:
+        """Per-exam findings (:mod:`.exam`): each candidate's location and pleural distance, emphysema, the
+        patient's inputs (DICOM header, then the caller's), Brock risk per candidate, the exam's Lung-RADS category."""
+        t = time.perf_counter()
+        laa = None
+        if crop.mask is not None:
+            geometry = LungGeometry(crop.mask)
+            for c in cands:
+                c.location = geometry.location(c.center_lps_mm)
+                c.pleural_distance_mm = geometry.pleural_distance_mm(c.center_lps_mm)
+            laa = emphysema_laa_percent(resampled, crop.mask)
+        patient = PatientInputs()
+        if run.ct.dicom is not None and run.ct.dicom.files:
+            try:
+                patient = patient_from_dicom(run.ct.dicom.files[0])
+            except Exception as exc:  # a header pydicom cannot read: no inputs from it, said
+                run.notes.append(f"Patient age and sex could not be read from the DICOM header ({exc}); give them for the Brock risk.")
+        if run.patient is not None:
+            patient = patient.merged(run.patient)
+        emphysema = None if laa is None else laa >= EMPHYSEMA_LAA_PERCENT
+        apply_brock(cands, patient, bool(emphysema))
+        if patient.age is None or patient.sex is None:
+            run.notes.append("No Brock risk: the patient's age or sex is unknown (give --patient-age and --patient-sex).")
+        run.timings["findings"] = time.perf_counter() - t
+        return {
+            "lung_rads": exam_lung_rads(cands),
+            "emphysema": {"laa950_percent": laa, "present": emphysema, "cut_off_percent": EMPHYSEMA_LAA_PERCENT},
+            "patient": patient.to_dict(),
+        }
 
     def _preprocess(self, run: _Run) -> sitk.Image:
         """Stage "preprocess": the CT in LPS at the model's voxel spacing."""
@@ -374,6 +412,7 @@ class Detector:
         png: bool = False,
         progress: Callable[[int, int, str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        patient: PatientInputs | None = None,
     ) -> DetectionResult:
         """Read ``path`` (file or DICOM folder), detect, and write all outputs to ``output_dir``.
 
@@ -398,7 +437,7 @@ class Detector:
         name = choose_output_name(output_dir, ct.name, identity, self._names_used)
         targets = output_paths(output_dir, name, png)
         with OutputSet(targets, overwrite, name=name, source=source_key(identity)) as out:  # reserves the name, refuses existing files before the work
-            result = self.detect(ct, threshold, use_lung_mask, progress, should_cancel)
+            result = self.detect(ct, threshold, use_lung_mask, progress, should_cancel, patient)
             result.timings_s = {"read": read_s, **result.timings_s}
             result.notes = out.notes + result.notes
             if name != ct.name:

@@ -32,6 +32,18 @@ __all__ = [
     "TAG_LONGEST_AXIAL_DIAMETER",
     "TAG_VOLUME",
     "TAG_CENTER_RAS",
+    "TAG_TYPE",
+    "TAG_MEAN_DIAMETER",
+    "TAG_SOLID_DIAMETER",
+    "TAG_LUNG_RADS",
+    "TAG_BROCK",
+    "TAG_ZONE",
+    "TAG_READER_TYPE",
+    "TAG_READER_SPICULATED",
+    "TAG_READER_UPPER_LOBE",
+    "READER_TAGS",
+    "reader_overrides",
+    "with_reader_overrides",
     "TAG_REVIEW",
     "TAG_REVIEWER",
     "TAG_REVIEW_TIME",
@@ -74,6 +86,18 @@ TAG_DIAMETER = "LungNoduleAI.DiameterMm"
 TAG_LONGEST_AXIAL_DIAMETER = "LungNoduleAI.LongestAxialDiameterMm"
 TAG_VOLUME = "LungNoduleAI.VolumeMm3"
 TAG_CENTER_RAS = "LungNoduleAI.CenterRAS"
+TAG_TYPE = "LungNoduleAI.Type"
+TAG_MEAN_DIAMETER = "LungNoduleAI.MeanDiameterMm"
+TAG_SOLID_DIAMETER = "LungNoduleAI.SolidComponentMeanDiameterMm"
+TAG_LUNG_RADS = "LungNoduleAI.LungRADS"
+TAG_BROCK = "LungNoduleAI.BrockRisk"
+TAG_ZONE = "LungNoduleAI.Location"
+"""The candidate's side and zone as detected, e.g. ``left upper``."""
+TAG_READER_TYPE = "LungNoduleAI.ReaderType"
+TAG_READER_SPICULATED = "LungNoduleAI.ReaderSpiculated"
+TAG_READER_UPPER_LOBE = "LungNoduleAI.ReaderUpperLobe"
+READER_TAGS = {"type": TAG_READER_TYPE, "spiculated": TAG_READER_SPICULATED, "upper_lobe": TAG_READER_UPPER_LOBE}
+"""What the reader may set on a candidate instead of the engine (stored as these tags, exported as the reader's)."""
 TAG_REVIEW = "LungNoduleAI.ReviewStatus"
 TAG_REVIEWER = "LungNoduleAI.Reviewer"
 TAG_REVIEW_TIME = "LungNoduleAI.ReviewTime"
@@ -97,6 +121,15 @@ KNOWN_TAGS = (
     TAG_LONGEST_AXIAL_DIAMETER,
     TAG_VOLUME,
     TAG_CENTER_RAS,
+    TAG_TYPE,
+    TAG_MEAN_DIAMETER,
+    TAG_SOLID_DIAMETER,
+    TAG_LUNG_RADS,
+    TAG_BROCK,
+    TAG_ZONE,
+    TAG_READER_TYPE,
+    TAG_READER_SPICULATED,
+    TAG_READER_UPPER_LOBE,
     TAG_REVIEW,
     TAG_REVIEWER,
     TAG_REVIEW_TIME,
@@ -216,6 +249,44 @@ def segment_tags(candidate: Candidate, status: str = "notstarted", model: str | 
     }
     if candidate.score is not None:
         tags[TAG_SCORE] = f"{candidate.score:.4f}"
+    for tag, value, fmt in (
+        (TAG_TYPE, candidate.type, ""),
+        (TAG_MEAN_DIAMETER, candidate.mean_diameter_mm, ".1f"),
+        (TAG_SOLID_DIAMETER, candidate.solid_component_mean_diameter_mm, ".1f"),
+        (TAG_LUNG_RADS, candidate.lung_rads, ""),
+        (TAG_BROCK, candidate.brock_risk, ".4f"),
+        (TAG_ZONE, " ".join(candidate.location.values()) if candidate.location else None, ""),
+    ):
+        if value is not None:
+            tags[tag] = format(value, fmt)
     if model:
         tags[TAG_MODEL] = model
     return tags
+
+
+def reader_overrides(tags: Mapping[str, str]) -> dict:
+    """What the reader set on a segment instead of the engine: ``{"type": ..., "spiculated": bool, "upper_lobe": bool}`` (those set)."""
+    out = {}
+    for name, tag in READER_TAGS.items():
+        value = tags.get(tag)
+        if value:
+            out[name] = value if name == "type" else value == "1"
+    return out
+
+
+def with_reader_overrides(measured: dict, tags: Mapping[str, str]) -> dict:
+    """A nodule's measured record with the reader's type applied (and the Lung-RADS category that follows from it), the
+    overrides listed under ``reader_overrides``: what the reader decided is exported as the reader's, next to the measurement."""
+    from .characterise import lung_rads_category
+
+    overrides = reader_overrides(tags)
+    if not overrides:
+        return measured
+    out = dict(measured, reader_overrides=overrides)
+    kind = overrides.get("type")
+    if kind and out.get("mean_diameter_mm") is not None:
+        solid = 0.0 if kind == "non-solid" else (out.get("solid_component_mean_diameter_mm") or 0.0)
+        if kind == "solid":
+            solid = out["mean_diameter_mm"]
+        out.update(type=kind, solid_component_mean_diameter_mm=solid, lung_rads=lung_rads_category(kind, out["mean_diameter_mm"], solid))
+    return out

@@ -195,7 +195,23 @@ CSV_COLUMNS = [
     "mean_hu",
     "voxels",
     "score",
+    "type",
+    "long_axis_mm",
+    "short_axis_mm",
+    "mean_diameter_mm",
+    "solid_component_mean_diameter_mm",
+    "solid_component_volume_mm3",
+    "lung_rads",
+    "side",
+    "zone",
+    "pleural_distance_mm",
+    "brock_risk",
 ]
+
+
+def _cell(value, fmt: str = "") -> str:
+    """A CSV cell: empty for a value not known (``None``)."""
+    return "" if value is None else format(value, fmt)
 
 
 def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLike) -> None:
@@ -217,7 +233,18 @@ def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLik
                     f"{c.longest_axial_diameter_mm:.2f}",
                     f"{c.mean_hu:.1f}",
                     c.voxels,
-                    "" if c.score is None else f"{c.score:.4f}",
+                    _cell(c.score, ".4f"),
+                    _cell(c.type),
+                    _cell(c.long_axis_mm, ".1f"),
+                    _cell(c.short_axis_mm, ".1f"),
+                    _cell(c.mean_diameter_mm, ".1f"),
+                    _cell(c.solid_component_mean_diameter_mm, ".1f"),
+                    _cell(c.solid_component_volume_mm3, ".1f"),
+                    _cell(c.lung_rads),
+                    _cell((c.location or {}).get("side")),
+                    _cell((c.location or {}).get("zone")),
+                    _cell(c.pleural_distance_mm, ".1f"),
+                    _cell(c.brock_risk, ".4f"),
                 ]
             )
 
