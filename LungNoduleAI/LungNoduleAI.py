@@ -5,6 +5,7 @@ dependency installation. Computation lives in the engine (``LungNoduleAILib``)
 and the MRML bridge (``LungNoduleAILogic``).
 """
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Annotated, Optional
 import qt
 import slicer
 import vtk
+from LungNoduleAIWidgets.installs import ensureDependencies, ensureDicomExport
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -29,13 +31,22 @@ from slicer.util import VTKObservationMixin
 
 from LungNoduleAILib.review import ACCEPTED, FLAGGED, REJECTED
 from LungNoduleAILogic import LungNoduleAILogic  # the module's logic: Qt-free, tested headless
-from LungNoduleAILogic.dependencies import TORCH_REQUIREMENT, dicomExportRequirement, installedVersions, missingForDetection, pipConstraints
 from LungNoduleAILogic.names import ATTR_OUTPUT, REF_PROBABILITY, REF_VOLUME
 from LungNoduleAILogic.process import EngineProcess, detectCommand, engineEnvironment
 from LungNoduleAILogic.session import RETHRESHOLD_DELAY_MS, ReviewSession
 
 DEVICES = [("auto", "Auto (CUDA when available)"), ("cpu", "CPU"), ("cuda", "CUDA")]
-TABLE_COLUMNS = [("rank", "#"), ("probability", "p"), ("diameter_mm", "Diameter (mm)"), ("volume_mm3", "Volume (mm³)"), ("status", "Status")]
+TABLE_COLUMNS = [
+    ("rank", "#"),
+    ("probability", "p"),
+    ("type", "Type"),
+    ("mean_diameter_mm", "Mean Ø (mm)"),
+    ("solid_diameter_mm", "Solid Ø (mm)"),
+    ("lung_rads", "Lung-RADS"),
+    ("brock_risk", "Brock"),
+    ("volume_mm3", "Volume (mm³)"),
+    ("status", "Status"),
+]
 
 
 #
@@ -129,6 +140,12 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rethresholdTimer.setSingleShot(True)
         self._rethresholdTimer.setInterval(RETHRESHOLD_DELAY_MS)
         self._rethresholdTimer.timeout.connect(self.onRethreshold)
+        self._remeasureTimer = qt.QTimer()  # an edit in the Segment Editor fires many events: measure once it rests
+        self._remeasureTimer.setSingleShot(True)
+        self._remeasureTimer.setInterval(1000)
+        self._remeasureTimer.timeout.connect(self.onRemeasure)
+        self._fillingFindings = False
+        self._observedSegmentation = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -166,6 +183,12 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextButton.connect("clicked(bool)", self.selectNextPending)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.readerTypeComboBox.connect("currentIndexChanged(int)", lambda _index: self.onReaderFindingChanged())
+        self.ui.spiculatedCheckBox.connect("toggled(bool)", lambda _checked: self.onReaderFindingChanged())
+        self.ui.upperLobeCheckBox.connect("toggled(bool)", lambda _checked: self.onReaderFindingChanged())
+        self.ui.patientAgeSpinBox.connect("valueChanged(int)", lambda _value: self.onPatientChanged())
+        self.ui.patientSexComboBox.connect("currentIndexChanged(int)", lambda _index: self.onPatientChanged())
+        self.ui.familyHistoryCheckBox.connect("toggled(bool)", lambda _checked: self.onPatientChanged())
         for key, callback in (
             ("A", lambda: self.setSelectedStatus(ACCEPTED)),
             ("R", lambda: self.setSelectedStatus(REJECTED)),
@@ -182,6 +205,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._rethresholdTimer.stop()
+        self._remeasureTimer.stop()
         self._timer.stop()
         if self._process is not None:
             self._process.cancel(timeout=2.0)  # the application is closing: wait for the kill here
@@ -267,74 +291,6 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ dependencies
 
-    def _pipInstall(self, requirements: list) -> None:
-        """pip install that never replaces a package Slicer bundles or the PyTorch extension installed (a constraints file pins them)."""
-        constraints = os.path.join(slicer.util.tempDirectory("LungNoduleAI"), "constraints.txt")
-        with open(constraints, "w", encoding="utf-8") as f:
-            f.write(pipConstraints(installedVersions()))
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install([*requirements, "-c", constraints])
-        importlib.invalidate_caches()
-
-    def ensureDicomExport(self) -> bool:
-        """highdicom for DICOM SEG/SR: Slicer's own on 5.12; on 5.10 the release that fits its pydicom 2.4, after asking."""
-        versions = installedVersions(("pydicom", "highdicom"))
-        try:
-            requirement = dicomExportRequirement(versions.get("pydicom"), versions.get("highdicom"))
-        except ValueError as exc:
-            slicer.util.errorDisplay(str(exc), windowTitle=_("DICOM export"))
-            return False
-        if requirement is None:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-            _("DICOM SEG/SR export needs '{package}', which is not installed. Install it now (from PyPI)? Slicer's own pydicom is kept.").format(
-                package=requirement
-            ),
-            windowTitle=_("Install highdicom"),
-        ):
-            return False
-        self._pipInstall([requirement])
-        if importlib.util.find_spec("highdicom") is None:
-            slicer.util.errorDisplay(_("highdicom was installed but cannot be imported yet: restart Slicer and export again."))
-            return False
-        return True
-
-    def ensureDependencies(self) -> bool:
-        """Make sure torch and MONAI can be imported; ask before installing anything."""
-        if importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                slicer.util.errorDisplay(
-                    _("Lung Nodule AI needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, then click Detect again.")
-                )
-                return False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
-                if torch is None:
-                    slicer.util.errorDisplay(_("PyTorch was not installed, so detection cannot run."))
-                    return False
-        missing = missingForDetection()
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                _("Lung Nodule AI needs these Python packages: {packages}. Install them now? (needs a network connection, a few minutes)").format(
-                    packages=", ".join(missing)
-                ),
-                _("Install Python packages"),
-            ):
-                return False
-            self._pipInstall(missing)  # torch, numpy... pinned: MONAI cannot pull another torch over the PyTorch extension's
-            stillMissing = missingForDetection()
-            if stillMissing:
-                slicer.util.errorDisplay(
-                    _("Packages {packages} were installed but cannot be imported yet: restart Slicer and click Detect again.").format(
-                        packages=", ".join(stillMissing)
-                    )
-                )
-                return False
-        return True
-
     # ------------------------------------------------------------------ detection
 
     def onDetectButton(self) -> None:
@@ -348,7 +304,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._expected(exc)
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start nodule detection."), waitCursor=True):
-            if not self.ensureDependencies():
+            if not ensureDependencies():
                 return
             self._workDir = slicer.util.tempDirectory("LungNoduleAI")
             inputPath = os.path.join(self._workDir, "input.nrrd")
@@ -433,9 +389,80 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.candidatesTable.selectRow(0)
 
     def onSegmentationChanged(self, node) -> None:
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified, self.onSegmentModified)
+        self._observedSegmentation = node.GetSegmentation() if node is not None else None
+        if self._observedSegmentation is not None:
+            self.addObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified, self.onSegmentModified)
         self.session.setSegmentation(node)
         self.updateOverlay()
         self.updateCandidatesTable()
+        self.updateFindings()
+
+    def onSegmentModified(self, caller=None, event=None) -> None:
+        if not self._fillingFindings:
+            self._remeasureTimer.start()
+
+    def onRemeasure(self) -> None:
+        self._fillingFindings = True  # re-measuring sets tags, which modify segments
+        try:
+            changed = self.session.remeasureEdited()
+        finally:
+            self._fillingFindings = False
+        if changed:
+            self.updateCandidatesTable()
+            self.updateFindings()
+
+    def updateFindings(self) -> None:
+        """The findings fields from the selected candidate and the exam (signals blocked: filling them is not the reader's input)."""
+        exam = self.session.examSummary()
+        patient = exam.get("patient", {})
+        overrides = self.session.readerFinding()
+        widgets = (self.ui.readerTypeComboBox, self.ui.spiculatedCheckBox, self.ui.upperLobeCheckBox,
+                   self.ui.patientAgeSpinBox, self.ui.patientSexComboBox, self.ui.familyHistoryCheckBox)  # fmt: skip
+        blocked = [w.blockSignals(True) for w in widgets]
+        try:
+            index = self.ui.readerTypeComboBox.findText(overrides.get("type", ""))
+            self.ui.readerTypeComboBox.currentIndex = max(0, index)
+            self.ui.spiculatedCheckBox.checked = bool(overrides.get("spiculated", False))
+            self.ui.upperLobeCheckBox.checked = bool(overrides.get("upper_lobe", False))
+            self.ui.patientAgeSpinBox.value = int(round(patient.get("age") or 0))
+            self.ui.patientSexComboBox.currentIndex = {"F": 1, "M": 2}.get(patient.get("sex"), 0)
+            self.ui.familyHistoryCheckBox.checked = bool(patient.get("family_history", False))
+        finally:
+            for w, b in zip(widgets, blocked):
+                w.blockSignals(b)
+        category = (exam.get("lung_rads") or {}).get("category")
+        sources = ", ".join(f"{k}: {v}" for k, v in (patient.get("sources") or {}).items())
+        self.ui.examLabel.text = (
+            _("Exam: Lung-RADS {category} (suggested; v2022 baseline). Patient inputs: {sources}.").format(category=category, sources=sources or _("none"))
+            if category
+            else ""
+        )
+
+    def onReaderFindingChanged(self) -> None:
+        seg, sid = self.session.segmentationNode, self.session.selectedId
+        if seg is None or sid is None:
+            self._expected(ValueError(_("Select a candidate in the table first.")))
+            return
+        kind = self.ui.readerTypeComboBox.currentText if self.ui.readerTypeComboBox.currentIndex > 0 else ""
+        self.logic.setReaderFinding(seg, sid, type=kind, spiculated=self.ui.spiculatedCheckBox.checked, upperLobe=self.ui.upperLobeCheckBox.checked)
+        self.updateCandidatesTable()
+        self.updateFindings()
+
+    def onPatientChanged(self) -> None:
+        seg = self.session.segmentationNode
+        if seg is None:
+            return
+        age = self.ui.patientAgeSpinBox.value or None
+        sex = {1: "F", 2: "M"}.get(self.ui.patientSexComboBox.currentIndex)
+        try:
+            self.logic.setPatientInputs(seg, age=age, sex=sex, familyHistory=self.ui.familyHistoryCheckBox.checked)
+        except ValueError as exc:
+            self._expected(exc)
+            return
+        self.updateCandidatesTable()
+        self.updateFindings()
 
     def updateOverlay(self) -> None:
         seg = self.session.segmentationNode if self.session else None
@@ -456,7 +483,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = table.blockSignals(True)
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            values = {"rank": row.rank, "probability": row.probability, "diameter_mm": row.diameter_mm, "volume_mm3": row.volume_mm3, "status": _(row.status)}
+            values = {**dataclasses.asdict(row), "status": _(row.status)}
             for col, (key, _title) in enumerate(TABLE_COLUMNS):
                 item = qt.QTableWidgetItem(str(values[key]))
                 item.setData(qt.Qt.UserRole, row.segmentId)
@@ -476,6 +503,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if center is None:
             return
         slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
+        self.updateFindings()
         seg = self.session.segmentationNode
         display = seg.GetDisplayNode()
         if display is not None:
@@ -544,7 +572,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             if box.checked
         ]
-        if ("dcm-seg" in formats or "dcm-sr" in formats) and not self.ensureDicomExport():
+        if ("dcm-seg" in formats or "dcm-sr" in formats) and not ensureDicomExport():
             return
         unresolved = self.session.unresolvedCount()
         folder = self.session.exportFolder(self.ui.exportDirectoryButton.directory, volume)  # a new folder each time: earlier exports stay

@@ -262,3 +262,61 @@ def test_installs_never_replace_what_slicer_bundles():
         dicomExportRequirement("2.4.4", "0.26.1")  # what the old route left behind
     assert dicomExportRequirement("2.4.4", "0.22.0") is None
     assert missingForDetection(lambda name: None) == ["monai>=1.4"] and missingForDetection(lambda name: object()) == []
+
+
+def test_reader_overrides_type_spiculation_and_patient_and_the_category_and_risk_follow(scene, detector, tmp_path):
+    """Issue 25, reader in charge: what the reader sets is stored beside the engine's values, the category and risk follow
+    at once, an edit is re-measured from the voxels, and the export carries the reader's decisions marked as such."""
+    from LungNoduleAILib.characterise import lung_rads_category
+    from LungNoduleAILib.review import TAG_BROCK, TAG_LUNG_RADS, TAG_MEAN_DIAMETER, TAG_READER_TYPE, TAG_TYPE
+
+    volume, logic, seg = _detected(scene, detector)
+    ids = logic.candidateSegmentIds(seg)
+    top = seg.GetSegmentation().GetSegment(ids[0])
+    assert logic.examFindings(seg)["lung_rads"]["category"] == logic.segmentTag(top, TAG_LUNG_RADS)
+    assert logic.segmentTag(top, TAG_TYPE) in ("solid", "part-solid", "non-solid", "calcified")
+    assert not logic.segmentTag(top, TAG_BROCK)  # the sample has no age or sex: no risk
+    logic.setPatientInputs(seg, age=65, sex="F")
+    risk = float(logic.segmentTag(top, TAG_BROCK))
+    assert 0 < risk < 1 and logic.patientInputs(seg).sources == {"age": "reader", "sex": "reader"}
+    logic.setReaderFinding(seg, ids[0], spiculated=True)
+    assert float(logic.segmentTag(top, TAG_BROCK)) > risk
+    mean = float(logic.segmentTag(top, TAG_MEAN_DIAMETER))
+    logic.setReaderFinding(seg, ids[0], type="non-solid")
+    assert logic.segmentTag(top, TAG_READER_TYPE) == "non-solid" and logic.segmentTag(top, TAG_TYPE) != "non-solid"  # the engine's value kept
+    assert logic.segmentTag(top, TAG_LUNG_RADS) == lung_rads_category("non-solid", mean)
+    with pytest.raises(ValueError, match="Unknown nodule type 'ggo'"):
+        logic.setReaderFinding(seg, ids[0], type="ggo")
+    with pytest.raises(ValueError, match="Sex 'X': use F or M"):
+        logic.setPatientInputs(seg, sex="X")
+    # an edit is measured again from the voxels
+    _grow_segment(logic, seg, ids[1], volume, voxels=3)
+    before = float(logic.segmentTag(seg.GetSegmentation().GetSegment(ids[1]), TAG_MEAN_DIAMETER))
+    after = logic.remeasureCandidate(seg, ids[1])["mean_diameter_mm"]
+    assert after > before and float(logic.segmentTag(seg.GetSegmentation().GetSegment(ids[1]), TAG_MEAN_DIAMETER)) == after
+    # the export: the reader's type, and the category that follows, marked as the reader's
+    logic.setCandidateStatus(seg, ids[0], "accepted")
+    for sid in ids[1:]:
+        logic.setCandidateStatus(seg, sid, "rejected")
+    logic.exportReviewed(seg, volume, str(tmp_path / "export"), formats=("json", "csv"))
+    nodule = json.loads(next((tmp_path / "export").glob("*_reviewed_nodules.json")).read_text())["nodules"][0]
+    assert nodule["type"] == "non-solid" and nodule["reader_overrides"] == {"type": "non-solid", "spiculated": True}
+    assert nodule["lung_rads"] == lung_rads_category("non-solid", nodule["mean_diameter_mm"])
+
+
+def test_session_remeasures_only_what_was_edited(scene, detector):
+    from LungNoduleAILib.review import TAG_MEAN_DIAMETER
+
+    volume, logic, seg = _detected(scene, detector)
+    session = ReviewSession(logic)
+    ids = [r.segmentId for r in session.setSegmentation(seg)]
+    assert session.remeasureEdited() == []  # nothing edited
+    _grow_segment(logic, seg, ids[1], volume, voxels=3)
+    before = float(logic.segmentTag(seg.GetSegmentation().GetSegment(ids[1]), TAG_MEAN_DIAMETER))
+    assert session.remeasureEdited() == [ids[1]]
+    assert float(session.rows()[1].mean_diameter_mm) > before
+    assert session.remeasureEdited() == []  # measured once per edit
+    session.select(ids[0])
+    logic.setReaderFinding(seg, ids[0], upperLobe=True)
+    assert session.readerFinding() == {"upper_lobe": True}
+    assert session.examSummary()["lung_rads"]["category"] in ("1", "2", "3", "4A", "4B")

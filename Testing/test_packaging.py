@@ -11,6 +11,13 @@ MODULE = REPO / "LungNoduleAI"
 
 # Widget class each name must have, by how LungNoduleAI.py uses it.
 EXPECTED_CLASSES = {
+    "readerTypeComboBox": "QComboBox",
+    "spiculatedCheckBox": "QCheckBox",
+    "upperLobeCheckBox": "QCheckBox",
+    "patientAgeSpinBox": "QSpinBox",
+    "patientSexComboBox": "QComboBox",
+    "familyHistoryCheckBox": "QCheckBox",
+    "examLabel": "QLabel",
     "inputVolumeSelector": "qMRMLNodeComboBox",
     "segmentationSelector": "qMRMLNodeComboBox",
     "detectButton": "QPushButton",

@@ -33,8 +33,10 @@ from LungNoduleAILib.review import KNOWN_TAGS, PENDING, REJECTED, SLICER_STATUS,
 from LungNoduleAILib.writers import mask_sha1, read_probability
 
 from .exporting import ExportMixin
+from .findings import FindingsMixin
 from .names import (  # noqa: F401  (re-exported: the names the module has always offered)
     ATTR_DICOM_INSTANCES,
+    ATTR_EXAM,
     ATTR_MODEL,
     ATTR_SOURCE,
     ATTR_THRESHOLD,
@@ -45,14 +47,19 @@ from .names import (  # noqa: F401  (re-exported: the names the module has alway
     REF_VOLUME,
     REVIEW_STATUSES,
     TABLE_COLUMNS,
+    TAG_BROCK,
     TAG_CENTER_RAS,
     TAG_DETECTED,
     TAG_DIAMETER,
+    TAG_LUNG_RADS,
+    TAG_MEAN_DIAMETER,
     TAG_PROBABILITY,
     TAG_RANK,
     TAG_REVIEW,
     TAG_REVIEW_TIME,
     TAG_REVIEWER,
+    TAG_SOLID_DIAMETER,
+    TAG_TYPE,
     TAG_VOLUME,
 )
 
@@ -79,7 +86,7 @@ def _segmentationsLogic():
     return slicer.vtkSlicerSegmentationsModuleLogic
 
 
-class LungNoduleAILogic(ExportMixin):
+class LungNoduleAILogic(ExportMixin, FindingsMixin):
     """Detection, review and export on MRML nodes.
 
     Args:
@@ -263,6 +270,7 @@ class LungNoduleAILogic(ExportMixin):
         segNode.CreateDefaultDisplayNodes()
         segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segNode.SetAttribute(ATTR_MODEL, json.dumps(report.get("model", {})))
+        segNode.SetAttribute(ATTR_EXAM, json.dumps({k: report[k] for k in ("lung_rads", "emphysema", "patient") if k in report}))
         source = {k: v for k, v in report.get("input", {}).items() if k not in ("path", "name")}
         if source.get("voxel_sha256"):
             segNode.SetAttribute(ATTR_SOURCE, json.dumps(source))
@@ -348,6 +356,10 @@ class LungNoduleAILogic(ExportMixin):
                     float(self.segmentTag(seg, TAG_DIAMETER) or 0.0),
                     float(self.segmentTag(seg, TAG_VOLUME) or 0.0),
                     self.segmentTag(seg, TAG_REVIEW) or PENDING,
+                    self.segmentTag(seg, TAG_TYPE) or "",
+                    float(self.segmentTag(seg, TAG_MEAN_DIAMETER) or "nan"),
+                    self.segmentTag(seg, TAG_LUNG_RADS) or "",
+                    float(self.segmentTag(seg, TAG_BROCK) or "nan"),
                     segmentId,
                     *center,
                 ]
@@ -375,8 +387,19 @@ class LungNoduleAILogic(ExportMixin):
         return [float(v) for v in text.split()] if text else None
 
     def segmentMeasurements(self, segment) -> dict[str, str]:
-        """Rank, probability, diameter (mm) and volume (mm³) of a candidate as the detector recorded them (text; "" when absent)."""
-        keys = {"rank": TAG_RANK, "probability": TAG_PROBABILITY, "diameter_mm": TAG_DIAMETER, "volume_mm3": TAG_VOLUME}
+        """Rank, probability, diameter (mm), volume (mm³), type, mean and solid diameters (mm), Lung-RADS and Brock risk
+        of a candidate as the detector recorded them (text; "" when absent)."""
+        keys = {
+            "rank": TAG_RANK,
+            "probability": TAG_PROBABILITY,
+            "diameter_mm": TAG_DIAMETER,
+            "volume_mm3": TAG_VOLUME,
+            "type": TAG_TYPE,
+            "mean_diameter_mm": TAG_MEAN_DIAMETER,
+            "solid_diameter_mm": TAG_SOLID_DIAMETER,
+            "lung_rads": TAG_LUNG_RADS,
+            "brock_risk": TAG_BROCK,
+        }
         return {name: self.segmentTag(segment, tag) or "" for name, tag in keys.items()}
 
     def candidateSegmentIds(self, segmentationNode) -> list[str]:
@@ -436,8 +459,12 @@ class LungNoduleAILogic(ExportMixin):
         detected = self.segmentTag(segment, TAG_DETECTED)
         if detected is None:
             return True  # not made by the detector
+        return self.segmentFingerprint(segmentationNode, segmentId) != detected
+
+    def segmentFingerprint(self, segmentationNode, segmentId: str) -> str:
+        """:func:`LungNoduleAILib.writers.mask_sha1` of the segment's voxels as they are now (changes with every edit)."""
         arr, bbox = self._segmentMask(segmentationNode, segmentId)
-        return mask_sha1(arr, bbox) != detected
+        return mask_sha1(arr, bbox)
 
     def _segmentMask(self, segmentationNode, segmentId: str) -> tuple[np.ndarray, list[int]]:
         """The segment's voxels cropped to their bounding box ``[i0, j0, k0, i1, j1, k1]`` (segmentation's own grid)."""

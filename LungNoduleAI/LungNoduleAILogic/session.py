@@ -32,6 +32,11 @@ class CandidateRow:
     diameter_mm: str
     volume_mm3: str
     status: str
+    type: str = ""
+    mean_diameter_mm: str = ""
+    solid_diameter_mm: str = ""
+    lung_rads: str = ""
+    brock_risk: str = ""
 
 
 @dataclass
@@ -69,6 +74,7 @@ class ReviewSession:
         self.logic = logic
         self.segmentationNode = None
         self.selectedId: str | None = None
+        self._measured: dict[str, str] = {}  # segment ID -> fingerprint of the voxels last measured
 
     # ------------------------------------------------------------------ table
 
@@ -76,6 +82,7 @@ class ReviewSession:
         """Show ``segmentationNode`` (the node the selector signal passes, not the one shown before); returns its rows."""
         if segmentationNode is not self.segmentationNode:
             self.selectedId = None
+            self._measured = {}
         self.segmentationNode = segmentationNode
         return self.rows()
 
@@ -88,7 +95,22 @@ class ReviewSession:
         rows = []
         for sid in self.logic.candidateSegmentIds(seg):
             m = self.logic.segmentMeasurements(segmentation.GetSegment(sid))
-            rows.append(CandidateRow(sid, m["rank"], m["probability"], m["diameter_mm"], m["volume_mm3"], self.logic.candidateStatus(seg, sid)))
+            status = self.logic.candidateStatus(seg, sid)
+            rows.append(
+                CandidateRow(
+                    sid,
+                    m["rank"],
+                    m["probability"],
+                    m["diameter_mm"],
+                    m["volume_mm3"],
+                    status,
+                    m["type"],
+                    m["mean_diameter_mm"],
+                    m["solid_diameter_mm"],
+                    m["lung_rads"],
+                    m["brock_risk"],
+                )  # fmt: skip
+            )
         return rows
 
     def select(self, segmentId: str | None) -> list[float] | None:
@@ -149,6 +171,39 @@ class ReviewSession:
         if self.segmentationNode is None or self.selectedId is None:
             raise ValueError("Select a candidate in the table first.")
         return self.segmentationNode, self.segmentationNode.GetNodeReference(REF_VOLUME), self.selectedId
+
+    def remeasureEdited(self) -> list[str]:
+        """Measure again every candidate whose voxels changed since they were last measured (an edit in the Segment Editor);
+        returns their IDs. The widget calls it when segments were modified (debounced)."""
+        seg = self.segmentationNode
+        if seg is None:
+            return []
+        changed = []
+        for sid in self.logic.candidateSegmentIds(seg):
+            if not self.logic.isEdited(seg, sid):
+                continue
+            fingerprint = self.logic.segmentFingerprint(seg, sid)
+            if self._measured.get(sid) == fingerprint:
+                continue
+            try:
+                self.logic.remeasureCandidate(seg, sid)
+            except ValueError:  # edited into emptiness: nothing to measure; the export refuses it with a message
+                pass
+            self._measured[sid] = fingerprint
+            changed.append(sid)
+        return changed
+
+    def readerFinding(self) -> dict:
+        """The selected candidate's reader overrides (``type``, ``spiculated``, ``upper_lobe``, where set) for the panel's fields."""
+        from LungNoduleAILib.review import reader_overrides
+
+        if self.segmentationNode is None or self.selectedId is None:
+            return {}
+        return reader_overrides(self.logic.segmentTags(self.segmentationNode.GetSegmentation().GetSegment(self.selectedId)))
+
+    def examSummary(self) -> dict:
+        """The exam's category (with the candidate driving it), emphysema and the patient's inputs with their sources."""
+        return self.logic.examFindings(self.segmentationNode) if self.segmentationNode is not None else {}
 
     # ------------------------------------------------------------------ threshold
 
