@@ -222,3 +222,17 @@ def test_refusals_say_what_is_wrong_and_write_nothing(detected, tmp_path, capsys
     assert main(["export", str(reviewed), "--dicom", str(detected["dcm"]), "-o", str(out), "--include-pending", "--formats", "dcm-seg,csv"]) == 1
     assert "already exist" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_sr_marks_the_readers_type_and_the_category_that_follows():
+    from LungNoduleAILib.dicomseg import ExportSegment, sr_evaluations
+
+    def evaluations(measurements):
+        seg = ExportSegment("Nodule 1", 0, 1, "SEMIAUTOMATIC", "Nodule 1", "2.25.1", measurements, (1.0, 0.0, 0.0))
+        return [(concept.value, value.value, value.meaning) for concept, value in sr_evaluations(seg)]
+
+    engine = evaluations({"type": "solid", "lung_rads": "4A"})
+    assert engine == [("NODTYPE", "SOLID", "Solid nodule"), ("111005", "LR2022-4A", "Lung-RADS v2022 category 4A")]
+    reader = evaluations({"type": "non-solid", "lung_rads": "2", "reader_overrides": {"type": "non-solid"}})
+    assert reader == [("NODTYPERDR", "112120", "Ground glass opacity"), ("111005", "LR2022-2", "Lung-RADS v2022 category 2 (reader's type)")]
+    assert evaluations({"longest_axial_diameter_mm": 5.0}) == []  # measured before the characterisation: nothing to evaluate

@@ -6,6 +6,7 @@ what only a running Slicer can show is in LungNoduleAITest (LungNoduleAI.py).
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import shutil
@@ -301,7 +302,10 @@ def test_reader_overrides_type_spiculation_and_patient_and_the_category_and_risk
     logic.exportReviewed(seg, volume, str(tmp_path / "export"), formats=("json", "csv"))
     nodule = json.loads(next((tmp_path / "export").glob("*_reviewed_nodules.json")).read_text())["nodules"][0]
     assert nodule["type"] == "non-solid" and nodule["reader_overrides"] == {"type": "non-solid", "spiculated": True}
+    assert nodule["location"]["side"] in ("left", "right") and 0 < nodule["brock_risk"] < 1  # from the segment's tags
     assert nodule["lung_rads"] == lung_rads_category("non-solid", nodule["mean_diameter_mm"])
+    row = next(csv.DictReader(open(next((tmp_path / "export").glob("*_reviewed_nodules.csv")), encoding="utf-8")))
+    assert row["type"] == "non-solid" and row["reader_overrides"] == "type=non-solid;spiculated=yes"  # marked as the reader's
 
 
 def test_session_remeasures_only_what_was_edited(scene, detector):

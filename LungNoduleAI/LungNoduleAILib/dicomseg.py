@@ -368,11 +368,14 @@ def sr_evaluations(segment: ExportSegment) -> list:
     from pydicom.sr.coding import Code
 
     m = segment.measurements
+    by_reader = "type" in (m.get("reader_overrides") or {})  # the reader's type, and the category that follows from it: marked as such
     out = []
     if m.get("type") in NODULE_TYPE_CODES:
-        out.append((Code("NODTYPE", _PRIVATE_SCHEME, "Nodule type"), Code(*NODULE_TYPE_CODES[m["type"]])))
+        concept = Code("NODTYPERDR", _PRIVATE_SCHEME, "Nodule type (reader)") if by_reader else Code("NODTYPE", _PRIVATE_SCHEME, "Nodule type")
+        out.append((concept, Code(*NODULE_TYPE_CODES[m["type"]])))
     if m.get("lung_rads"):
-        out.append((codes.DCM.AssessmentCategory, Code(f"LR2022-{m['lung_rads']}", _PRIVATE_SCHEME, f"Lung-RADS v2022 category {m['lung_rads']}")))
+        meaning = f"Lung-RADS v2022 category {m['lung_rads']}" + (" (reader's type)" if by_reader else "")
+        out.append((codes.DCM.AssessmentCategory, Code(f"LR2022-{m['lung_rads']}", _PRIVATE_SCHEME, meaning)))
     return out
 
 

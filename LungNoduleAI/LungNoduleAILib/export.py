@@ -282,7 +282,7 @@ def write_reviewed(
                 meta = [{"id": s.id, "name": s.name, "color": tuple(s.color), "label": n, "tags": s.tags} for n, s in enumerate(segments, start=1)]
                 write_segmentation_labelmap(labels, meta, out.tmp("seg.nrrd"), source=ct.identity())
             if "csv" in targets:
-                write_candidates_csv([Candidate.from_dict(r) for r in records], out.tmp("csv"))
+                write_candidates_csv([Candidate.from_dict(r) for r in records], out.tmp("csv"), [r.get("reader_overrides") for r in records])
             if "json" in targets:
                 exported = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 write_json(

@@ -276,13 +276,20 @@ def reader_overrides(tags: Mapping[str, str]) -> dict:
 
 def with_reader_overrides(measured: dict, tags: Mapping[str, str]) -> dict:
     """A nodule's measured record with the reader's type applied (and the Lung-RADS category that follows from it), the
-    overrides listed under ``reader_overrides``: what the reader decided is exported as the reader's, next to the measurement."""
+    overrides listed under ``reader_overrides``: what the reader decided is exported as the reader's, next to the measurement.
+    The location and Brock risk, which need the lung mask and the patient, come from the segment's tags."""
     from .characterise import lung_rads_category
 
+    out = dict(measured)
+    if out.get("location") is None and tags.get(TAG_ZONE):  # a reviewed export has no lung mask: the location as detected
+        side, _, zone = tags[TAG_ZONE].partition(" ")
+        out["location"] = {"side": side, "zone": zone}
+    if out.get("brock_risk") is None and tags.get(TAG_BROCK):  # the risk as the detection or the reader's inputs last set it
+        out["brock_risk"] = float(tags[TAG_BROCK])
     overrides = reader_overrides(tags)
     if not overrides:
-        return measured
-    out = dict(measured, reader_overrides=overrides)
+        return out
+    out["reader_overrides"] = overrides
     kind = overrides.get("type")
     if kind and out.get("mean_diameter_mm") is not None:
         solid = 0.0 if kind == "non-solid" else (out.get("solid_component_mean_diameter_mm") or 0.0)

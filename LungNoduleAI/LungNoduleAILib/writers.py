@@ -214,12 +214,17 @@ def _cell(value, fmt: str = "") -> str:
     return "" if value is None else format(value, fmt)
 
 
-def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLike) -> None:
-    """One row per candidate with the columns in ``CSV_COLUMNS`` (units in the names)."""
+def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLike, reader_overrides: Sequence[dict | None] | None = None) -> None:
+    """One row per candidate with the columns in ``CSV_COLUMNS`` (units in the names).
+
+    Args:
+        reader_overrides: for a reviewed export, what the reader set on each candidate instead of the engine
+            (:func:`.review.reader_overrides`): adds a ``reader_overrides`` column such as ``type=non-solid;spiculated=yes``.
+    """
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for c in candidates:
+        w.writerow(CSV_COLUMNS + (["reader_overrides"] if reader_overrides is not None else []))
+        for n, c in enumerate(candidates):
             w.writerow(
                 [
                     c.id,
@@ -245,8 +250,13 @@ def write_candidates_csv(candidates: Sequence[Candidate], path: str | os.PathLik
                     _cell((c.location or {}).get("zone")),
                     _cell(c.pleural_distance_mm, ".1f"),
                     _cell(c.brock_risk, ".4f"),
+                    *([_overrides_cell(reader_overrides[n])] if reader_overrides is not None else []),
                 ]
             )
+
+
+def _overrides_cell(overrides: dict | None) -> str:
+    return ";".join(f"{k}={('yes' if v else 'no') if isinstance(v, bool) else v}" for k, v in (overrides or {}).items())
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
