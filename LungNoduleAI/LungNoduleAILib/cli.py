@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_compare import add_compare, run_compare
 from .cli_train import add_average, add_pack, add_train, run_average, run_pack, run_train
 from .protocol import EVENT_PREFIXES, emit
 
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    add_compare(sub)
     add_train(sub)
     add_pack(sub)
     add_average(sub)
@@ -411,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _run_demo,
         "evaluate": _run_evaluate,
         "export": _run_export,
+        "compare": run_compare,
         "train": run_train,
         "pack": run_pack,
         "average": run_average,

@@ -1,0 +1,136 @@
+"""``lungnoduleai compare PRIOR CURRENT``: the follow-up comparison on the command line (:mod:`.compare` does the work)."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import sys
+from pathlib import Path
+
+__all__ = ["add_compare", "run_compare"]
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare a follow-up CT with the prior one: matched, new and resolved nodules, growth, volume doubling time",
+        description="Register the prior CT to the current one, match their nodules and measure growth. Writes <current name>_comparison.json "
+        "and _comparison.csv. Without --prior-results/--current-results, detection runs on that scan.",
+    )
+    p.add_argument("prior", help="the prior CT (file or DICOM folder)")
+    p.add_argument("current", help="the current CT (file or DICOM folder)")
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the outputs (created if missing)")
+    p.add_argument("--interval-days", type=float, default=None, help="days between the scans (default: from the DICOM StudyDates)")
+    p.add_argument("--prior-date", default=None, metavar="YYYY-MM-DD")
+    p.add_argument("--current-date", default=None, metavar="YYYY-MM-DD")
+    p.add_argument("--prior-results", default=None, metavar="PATH", help="an earlier 'detect' output folder of the prior CT")
+    p.add_argument("--current-results", default=None, metavar="PATH", help="an earlier 'detect' output folder of the current CT")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _study_date(ct) -> datetime.date | None:
+    if ct.dicom is None or not ct.dicom.files:
+        return None
+    import pydicom
+
+    text = str(pydicom.dcmread(ct.dicom.files[0], stop_before_pixels=True).get("StudyDate", "") or "")
+    try:
+        return datetime.datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _date(text: str | None, option: str) -> datetime.date | None:
+    if text is None:
+        return None
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{option} '{text}' is not a date: give YYYY-MM-DD.") from None
+
+
+def _nodules(results: str | None, ct, detector_factory) -> list:
+    """The scan's nodules: from an earlier detect output folder, else detected now."""
+    import json
+
+    from .candidates import Candidate
+    from .compare import Nodule
+    from .protocol import find_outputs
+
+    if results is not None:
+        report = json.loads(find_outputs(results)["json"].read_text(encoding="utf-8"))
+        candidates = [Candidate.from_dict(c) for c in report["candidates"]]
+    else:
+        candidates = detector_factory().detect(ct).candidates
+    return [Nodule(c.id, list(c.center_lps_mm), c.volume_mm3, c.mean_diameter_mm, c.type) for c in candidates]
+
+
+def run_compare(args) -> int:
+    from .compare import compare_nodules
+    from .imageio import read_ct
+    from .outputset import OutputError, OutputSet
+    from .pipeline import Detector
+    from .writers import write_json
+
+    try:
+        prior_date, current_date = _date(args.prior_date, "--prior-date"), _date(args.current_date, "--current-date")
+        prior_ct, current_ct = read_ct(args.prior), read_ct(args.current)
+        detector = None
+
+        def factory():
+            nonlocal detector
+            detector = detector or Detector(None, args.device)
+            return detector
+
+        prior, current = _nodules(args.prior_results, prior_ct, factory), _nodules(args.current_results, current_ct, factory)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prior_date = prior_date or _study_date(prior_ct)
+    current_date = current_date or _study_date(current_ct)
+    interval = args.interval_days
+    if interval is None and prior_date and current_date:
+        interval = float((current_date - prior_date).days)
+    result = compare_nodules(
+        prior_ct.image, current_ct.image, prior, current, interval, prior_ct.series_uid or prior_ct.name, current_ct.series_uid or current_ct.name
+    )
+    report = {
+        "prior": {"path": str(args.prior), "study_date": prior_date.isoformat() if prior_date else None},
+        "current": {"path": str(args.current), "study_date": current_date.isoformat() if current_date else None},
+        **result,
+    }
+    if interval is None:
+        report["notes"] = ["No interval between the scans (no DICOM StudyDates, no --interval-days): no volume doubling time."]
+    out = Path(args.output_dir)
+    targets = {"json": out / f"{current_ct.name}_comparison.json", "csv": out / f"{current_ct.name}_comparison.csv"}
+    try:
+        with OutputSet(targets, args.overwrite, name=f"{current_ct.name}_comparison", what="comparison folder ") as files:
+            write_json(report, files.tmp("json"))
+            _write_csv(report["nodules"], files.tmp("csv"))
+            files.commit()
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    counts = {s: sum(n["status"] == s for n in report["nodules"]) for s in ("matched", "new", "resolved")}
+    reg = report["registration"]
+    print(f"{counts['matched']} matched, {counts['new']} new, {counts['resolved']} resolved")
+    print(f"lungs overlap (Dice) {reg['lung_mask_dice']} after registration; matched nodules {reg['residual_mm']} mm apart on average")
+    print(f"outputs in {out}/: {targets['json'].name}, {targets['csv'].name}")
+    return 0
+
+
+def _write_csv(nodules: list, path) -> None:
+    columns = ["status", "tracking_uid", "prior_id", "current_id", "prior_volume_mm3", "current_volume_mm3", "volume_change_pct"]
+    columns += ["prior_mean_diameter_mm", "current_mean_diameter_mm", "mean_diameter_change_mm", "vdt_days", "growth"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for n in nodules:
+            p, c = n["prior"] or {}, n["current"] or {}
+            row = [n["status"], n["tracking_uid"], p.get("id"), c.get("id"), p.get("volume_mm3"), c.get("volume_mm3"), n.get("volume_change_pct")]
+            row += [p.get("mean_diameter_mm"), c.get("mean_diameter_mm"), n.get("mean_diameter_change_mm"), n.get("vdt_days"), n.get("growth")]
+            w.writerow(["" if v is None else v for v in row])
