@@ -87,3 +87,24 @@ def test_compare_finds_known_growth(tmp_path):
     assert top["volume_change_pct"] == pytest.approx(100 * (truth - 1), abs=15)
     assert top["vdt_days"] == pytest.approx(365 * math.log(2) / math.log(truth), rel=0.35)
     assert top["growth"] == "grown" and top["tracking_uid"].startswith("2.25.")
+
+
+def test_a_reviewed_prior_keeps_its_tracking_uids(moved_sample, tmp_path):
+    """--prior-results as a reviewed .seg.nrrd: its rejected segments are left out, and a matched nodule keeps the prior's tracking UID."""
+    from LungNoduleAILib.cli import main
+    from LungNoduleAILib.writers import read_segmentation
+
+    *_, moved = moved_sample
+    assert main(["detect", str(SAMPLE_CT), "-o", str(tmp_path / "d"), "--device", "cpu"]) == 0
+    seg = next((tmp_path / "d").glob("*.seg.nrrd"))
+    assert main(["export", str(seg), "--ct", str(SAMPLE_CT), "-o", str(tmp_path / "x"), "--include-pending", "--formats", "seg.nrrd"]) == 0
+    reviewed = next((tmp_path / "x").glob("*_reviewed.seg.nrrd"))
+    uid = read_segmentation(reviewed).segments[0]["tags"]["LungNoduleAI.TrackingUID"]
+    args = ["compare", str(SAMPLE_CT), str(moved), "-o", str(tmp_path / "c"), "--device", "cpu", "--prior-results", str(reviewed)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "c" / "moved_comparison.json").read_text())
+    top = next(n for n in report["nodules"] if n["prior"] and np.linalg.norm(np.subtract(n["prior"]["center_lps_mm"], LIDC0001_NODULE_LPS)) < 10)
+    assert top["status"] == "matched" and top["tracking_uid"] == uid
+    refused = ["compare", str(SAMPLE_CT), str(moved), "-o", str(tmp_path / "c2"), "--device", "cpu", "--current-results", str(reviewed)]
+    assert main(refused) == 2  # the reviewed file belongs to the prior scan, not to the moved copy
+    assert not (tmp_path / "c2").exists() or not list((tmp_path / "c2").iterdir())

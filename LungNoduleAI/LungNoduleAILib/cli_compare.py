@@ -23,8 +23,13 @@ def add_compare(sub) -> None:
     p.add_argument("--interval-days", type=float, default=None, help="days between the scans (default: from the DICOM StudyDates)")
     p.add_argument("--prior-date", default=None, metavar="YYYY-MM-DD")
     p.add_argument("--current-date", default=None, metavar="YYYY-MM-DD")
-    p.add_argument("--prior-results", default=None, metavar="PATH", help="an earlier 'detect' output folder of the prior CT")
-    p.add_argument("--current-results", default=None, metavar="PATH", help="an earlier 'detect' output folder of the current CT")
+    p.add_argument(
+        "--prior-results",
+        default=None,
+        metavar="PATH",
+        help="an earlier 'detect' output folder of the prior CT, or its reviewed .seg.nrrd (rejected ones left out)",
+    )
+    p.add_argument("--current-results", default=None, metavar="PATH", help="the same for the current CT")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -50,14 +55,36 @@ def _date(text: str | None, option: str) -> datetime.date | None:
         raise ValueError(f"{option} '{text}' is not a date: give YYYY-MM-DD.") from None
 
 
+def _reviewed_nodules(path: str, ct) -> list:
+    """The nodules of a reviewed ``.seg.nrrd`` of this CT: every segment not rejected, measured on the CT, with its tracking UID."""
+    from .candidates import measure_candidates
+    from .compare import Nodule
+    from .export import FileFront, check_segmentation_source
+    from .review import REJECTED, TAG_TRACKING_UID, review_status
+    from .writers import read_segmentation
+
+    seg_file = read_segmentation(path)
+    check_segmentation_source(seg_file, path, ct, f"'{ct.path}'")
+    keep = [i for i, s in enumerate(seg_file.segments) if review_status(s["tags"]) != REJECTED]
+    if not keep:
+        return []
+    measured = measure_candidates(FileFront(seg_file, Path(path), ct, f"'{ct.path}'").labels(keep), ct.image)
+    return [
+        Nodule(m.id, list(m.center_lps_mm), m.volume_mm3, m.mean_diameter_mm, m.type, seg_file.segments[keep[m.id - 1]]["tags"].get(TAG_TRACKING_UID))
+        for m in measured
+    ]
+
+
 def _nodules(results: str | None, ct, detector_factory) -> list:
-    """The scan's nodules: from an earlier detect output folder, else detected now."""
+    """The scan's nodules: from a reviewed ``.seg.nrrd`` (rejected segments left out), an earlier detect output folder, else detected now."""
     import json
 
     from .candidates import Candidate
     from .compare import Nodule
     from .protocol import find_outputs
 
+    if results is not None and str(results).lower().endswith((".seg.nrrd", ".nrrd")):
+        return _reviewed_nodules(results, ct)
     if results is not None:
         report = json.loads(find_outputs(results)["json"].read_text(encoding="utf-8"))
         candidates = [Candidate.from_dict(c) for c in report["candidates"]]
