@@ -87,6 +87,7 @@ def test_compare_finds_known_growth(tmp_path):
     assert top["volume_change_pct"] == pytest.approx(100 * (truth - 1), abs=15)
     assert top["vdt_days"] == pytest.approx(365 * math.log(2) / math.log(truth), rel=0.35)
     assert top["growth"] == "grown" and top["tracking_uid"].startswith("2.25.")
+    assert top["lung_rads"] == "4B"  # a growing solid nodule of 8 mm or more
 
 
 def test_a_reviewed_prior_keeps_its_tracking_uids(moved_sample, tmp_path):
@@ -108,3 +109,27 @@ def test_a_reviewed_prior_keeps_its_tracking_uids(moved_sample, tmp_path):
     refused = ["compare", str(SAMPLE_CT), str(moved), "-o", str(tmp_path / "c2"), "--device", "cpu", "--current-results", str(reviewed)]
     assert main(refused) == 2  # the reviewed file belongs to the prior scan, not to the moved copy
     assert not (tmp_path / "c2").exists() or not list((tmp_path / "c2").iterdir())
+
+
+@pytest.mark.parametrize(
+    "status, growth, kind, mean_d, solid_d, expected",
+    [
+        ("new", None, "solid", 3.9, 3.9, "2"),
+        ("new", None, "solid", 4.0, 4.0, "3"),
+        ("new", None, "solid", 5.9, 5.9, "3"),
+        ("new", None, "solid", 6.0, 6.0, "4A"),
+        ("new", None, "solid", 8.0, 8.0, "4B"),
+        ("matched", "grown", "solid", 7.9, 7.9, "4A"),
+        ("matched", "grown", "solid", 8.0, 8.0, "4B"),
+        ("matched", "stable", "solid", 7.0, 7.0, "3"),  # baseline category; stepped downgrades are the reader's
+        ("new", None, "part-solid", 5.9, 2.0, "3"),
+        ("new", None, "part-solid", 9.0, 3.9, "4A"),
+        ("matched", "grown", "part-solid", 9.0, 4.0, "4B"),
+        ("new", None, "non-solid", 12.0, 0.0, "2"),
+        ("resolved", None, "solid", None, None, None),
+    ],
+)
+def test_followup_lung_rads(status, growth, kind, mean_d, solid_d, expected):
+    from LungNoduleAILib.compare import followup_lung_rads
+
+    assert followup_lung_rads(status, growth, kind, mean_d, solid_d) == expected

@@ -70,7 +70,15 @@ def _reviewed_nodules(path: str, ct) -> list:
         return []
     measured = measure_candidates(FileFront(seg_file, Path(path), ct, f"'{ct.path}'").labels(keep), ct.image)
     return [
-        Nodule(m.id, list(m.center_lps_mm), m.volume_mm3, m.mean_diameter_mm, m.type, seg_file.segments[keep[m.id - 1]]["tags"].get(TAG_TRACKING_UID))
+        Nodule(
+            m.id,
+            list(m.center_lps_mm),
+            m.volume_mm3,
+            m.mean_diameter_mm,
+            m.type,
+            seg_file.segments[keep[m.id - 1]]["tags"].get(TAG_TRACKING_UID),
+            solid_diameter_mm=m.solid_component_mean_diameter_mm,
+        )  # fmt: skip
         for m in measured
     ]
 
@@ -90,7 +98,9 @@ def _nodules(results: str | None, ct, detector_factory) -> list:
         candidates = [Candidate.from_dict(c) for c in report["candidates"]]
     else:
         candidates = detector_factory().detect(ct).candidates
-    return [Nodule(c.id, list(c.center_lps_mm), c.volume_mm3, c.mean_diameter_mm, c.type) for c in candidates]
+    return [
+        Nodule(c.id, list(c.center_lps_mm), c.volume_mm3, c.mean_diameter_mm, c.type, solid_diameter_mm=c.solid_component_mean_diameter_mm) for c in candidates
+    ]
 
 
 def run_compare(args) -> int:

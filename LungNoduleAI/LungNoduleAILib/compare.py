@@ -41,6 +41,7 @@ __all__ = [
     "compare_nodules",
     "volume_doubling_time_days",
     "growth_status",
+    "followup_lung_rads",
 ]
 
 GROWTH_MM = 1.5
@@ -61,6 +62,7 @@ class Nodule:
     type: str | None = None
     tracking_uid: str | None = None
     merged_ids: tuple = ()
+    solid_diameter_mm: float | None = None
 
     def summary(self) -> dict:
         out = {"id": self.id, "center_lps_mm": [round(v, 2) for v in self.center_lps_mm], "volume_mm3": round(self.volume_mm3, 1)}
@@ -271,6 +273,34 @@ def growth_status(mean_prior: float | None, mean_current: float | None, volume_c
     return "grown" if grew else ("shrunk" if shrank else "stable")
 
 
+def followup_lung_rads(status: str, growth: str | None, kind: str | None, mean_diameter: float | None, solid_diameter: float | None) -> str | None:
+    """The Lung-RADS v2022 category a nodule suggests on a **follow-up** scan, from its type, size and what changed.
+
+    New and growing solid and part-solid nodules (v2022 assessment categories): solid new < 4 mm -> 2, new 4 to < 6 -> 3,
+    new 6 to < 8 or growing < 8 -> 4A, new or growing >= 8 -> 4B; part-solid new < 6 mm total -> 3, new or growing with a
+    solid component < 4 mm -> 4A, >= 4 mm -> 4B. Everything else (stable, shrunk, non-solid, calcified, resolved) keeps
+    its baseline category: the stepped downgrades of stable nodules depend on the interval and are the reader's.
+    ``None`` without a type or size (a resolved nodule).
+    """
+    from .characterise import lung_rads_category
+
+    if status == "resolved" or kind is None or mean_diameter is None:
+        return None
+    solid = solid_diameter or 0.0
+    new, growing = status == "new", growth == "grown"
+    if kind == "solid" and (new or growing):
+        if new and mean_diameter < 4.0:
+            return "2"
+        if new and mean_diameter < 6.0:
+            return "3"
+        return "4A" if mean_diameter < 8.0 else "4B"
+    if kind == "part-solid" and (new or growing):
+        if new and mean_diameter < 6.0:
+            return "3"
+        return "4A" if solid < 4.0 else "4B"
+    return lung_rads_category(kind, mean_diameter, solid if kind == "part-solid" else (mean_diameter if kind in ("solid", "calcified") else 0.0))
+
+
 def _tracking_uid(*parts: str) -> str:
     return "2.25." + str(int(hashlib.sha256("/".join(parts).encode()).hexdigest()[:30], 16))
 
@@ -318,6 +348,8 @@ def compare_nodules(
             entry["growth"] = growth_status(dp, dc, entry["volume_change_pct"])
         else:
             entry.update(volume_change_pct=None, mean_diameter_change_mm=None, vdt_days=None, growth=None)
+        size = entry["current"].get("mean_diameter_mm") if c else None
+        entry["lung_rads"] = followup_lung_rads(entry["status"], entry["growth"], c.type if c else None, size, c.solid_diameter_mm if c else None)
         if p and p.tracking_uid:  # the prior's UID: PACS viewers link the two exams
             entry["tracking_uid"] = p.tracking_uid
         else:
