@@ -71,6 +71,8 @@ def test_compare_with_itself_moved_and_resliced(moved_sample, tmp_path):
     top = next(n for n in report["nodules"] if np.linalg.norm(np.subtract(n["prior"]["center_lps_mm"], LIDC0001_NODULE_LPS)) < 10)
     assert abs(top["volume_change_pct"]) < 5 and top["growth"] == "stable"
     assert (tmp_path / "moved_comparison.csv").read_text().splitlines()[0].startswith("status,tracking_uid")
+    png = sitk.ReadImage(str(tmp_path / "moved_comparison.png"))  # the picture: prior and current side by side
+    assert png.GetWidth() == 600 and png.GetHeight() >= 300
 
 
 def test_compare_finds_known_growth(tmp_path):

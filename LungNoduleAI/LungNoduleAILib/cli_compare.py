@@ -140,11 +140,12 @@ def run_compare(args) -> int:
     if interval is None:
         report["notes"] = ["No interval between the scans (no DICOM StudyDates, no --interval-days): no volume doubling time."]
     out = Path(args.output_dir)
-    targets = {"json": out / f"{current_ct.name}_comparison.json", "csv": out / f"{current_ct.name}_comparison.csv"}
+    targets = {k: out / f"{current_ct.name}_comparison.{k}" for k in ("json", "csv", "png")}
     try:
         with OutputSet(targets, args.overwrite, name=f"{current_ct.name}_comparison", what="comparison folder ") as files:
             write_json(report, files.tmp("json"))
             _write_csv(report["nodules"], files.tmp("csv"))
+            write_comparison_png(prior_ct.image, current_ct.image, report["nodules"], files.tmp("png"))
             files.commit()
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -156,7 +157,7 @@ def run_compare(args) -> int:
     reg = report["registration"]
     print(f"{counts['matched']} matched, {counts['new']} new, {counts['resolved']} resolved")
     print(f"lungs overlap (Dice) {reg['lung_mask_dice']} after registration; matched nodules {reg['residual_mm']} mm apart on average")
-    print(f"outputs in {out}/: {targets['json'].name}, {targets['csv'].name}")
+    print(f"outputs in {out}/: {', '.join(p.name for p in targets.values())}")
     return 0
 
 
@@ -171,3 +172,45 @@ def _write_csv(nodules: list, path) -> None:
             row = [n["status"], n["tracking_uid"], p.get("id"), c.get("id"), p.get("volume_mm3"), c.get("volume_mm3"), n.get("volume_change_pct")]
             row += [p.get("mean_diameter_mm"), c.get("mean_diameter_mm"), n.get("mean_diameter_change_mm"), n.get("vdt_days"), n.get("growth")]
             w.writerow(["" if v is None else v for v in row])
+
+
+def _axial_patch(ct, center_lps, half_mm: float = 30.0, step: float = 0.5):
+    """An axial slice (HU, ``(rows, columns)``) of ``2 half_mm`` square through a point, at ``step`` mm, anterior up."""
+    import SimpleITK as sitk
+
+    n = int(2 * half_mm / step)
+    ref = sitk.Image([n, n, 1], sitk.sitkFloat32)
+    ref.SetSpacing((step, step, step))
+    ref.SetOrigin([center_lps[0] - half_mm, center_lps[1] - half_mm, center_lps[2]])
+    return sitk.GetArrayFromImage(sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32))[0]
+
+
+def write_comparison_png(prior_ct, current_ct, nodules: list, path, max_rows: int = 8) -> None:
+    """Each matched nodule (up to ``max_rows``), prior and current side by side on the axial slice through its centre,
+    with its volume change and growth; new and resolved ones are listed under the pictures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matched = [n for n in nodules if n["status"] == "matched"][:max_rows]
+    rows = max(1, len(matched))
+    fig, axes = plt.subplots(rows, 2, figsize=(6, 3 * rows), squeeze=False)
+    for ax, n in zip(axes, matched):
+        for a, ct, side in ((ax[0], prior_ct, "prior"), (ax[1], current_ct, "current")):
+            a.imshow(_axial_patch(ct, n[side]["center_lps_mm"]), cmap="gray", vmin=-1000, vmax=400, extent=(-30, 30, 30, -30))
+            d = n[side].get("mean_diameter_mm")
+            a.set_title(f"{side} #{n[side]['id']}: {n[side]['volume_mm3']:.0f} mm3" + (f", {d} mm" if d else ""), fontsize=8)
+            a.axis("off")
+        change = n.get("volume_change_pct")
+        ax[1].text(0.02, 0.02, f"{change:+.0f} % {n.get('growth') or ''}" if change is not None else "", color="yellow", transform=ax[1].transAxes, fontsize=8)
+    if not matched:
+        for a in axes[0]:
+            a.axis("off")
+        axes[0][0].set_title("No matched nodules", fontsize=9)
+    others = [f"{n['status']}: #{(n['current'] or n['prior'])['id']}" for n in nodules if n["status"] != "matched"]
+    if others:
+        fig.text(0.01, 0.005, "; ".join(others)[:300], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
