@@ -46,6 +46,7 @@ TABLE_COLUMNS = [
     ("brock_risk", "Brock"),
     ("volume_mm3", "Volume (mm³)"),
     ("status", "Status"),
+    ("followup", "Since prior"),
 ]
 
 
@@ -189,6 +190,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.patientAgeSpinBox.connect("valueChanged(int)", lambda _value: self.onPatientChanged())
         self.ui.patientSexComboBox.connect("currentIndexChanged(int)", lambda _index: self.onPatientChanged())
         self.ui.familyHistoryCheckBox.connect("toggled(bool)", lambda _checked: self.onPatientChanged())
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         for key, callback in (
             ("A", lambda: self.setSelectedStatus(ACCEPTED)),
             ("R", lambda: self.setSelectedStatus(REJECTED)),
@@ -440,6 +442,31 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else ""
         )
 
+    def onCompareButton(self) -> None:
+        try:
+            with slicer.util.WaitCursor():
+                report = self.session.compareWithPrior(self.ui.priorSegmentationSelector.currentNode(), self.ui.intervalSpinBox.value)
+        except ValueError as exc:  # no prior chosen, no lungs, a CT missing: said, nothing changed
+            self._expected(exc)
+            return
+        counts = {s: sum(n["status"] == s for n in report["nodules"]) for s in ("matched", "new", "resolved")}
+        self.ui.statusLabel.text = _("{matched} matched, {new} new, {resolved} resolved; lungs overlap {dice} after registration.").format(
+            dice=report["registration"]["lung_mask_dice"], **counts
+        )
+        self.updateCandidatesTable()
+
+    def _showInPrior(self, positionRas) -> None:
+        """The prior CT in the yellow view, centred where the selected nodule's match lies (the current one stays in the others)."""
+        if positionRas is None:
+            return
+        prior = self.ui.priorSegmentationSelector.currentNode()
+        volume = prior.GetNodeReference(REF_VOLUME) if prior is not None else None
+        widget = slicer.app.layoutManager().sliceWidget("Yellow") if volume is not None else None
+        if widget is None:
+            return
+        widget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+        widget.mrmlSliceNode().JumpSliceByCentering(*positionRas)
+
     def onReaderFindingChanged(self) -> None:
         seg, sid = self.session.segmentationNode, self.session.selectedId
         if seg is None or sid is None:
@@ -504,6 +531,7 @@ class LungNoduleAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
         self.updateFindings()
+        self._showInPrior(self.session.priorPosition())
         seg = self.session.segmentationNode
         display = seg.GetDisplayNode()
         if display is not None:

@@ -324,3 +324,33 @@ def test_session_remeasures_only_what_was_edited(scene, detector):
     logic.setReaderFinding(seg, ids[0], upperLobe=True)
     assert session.readerFinding() == {"upper_lobe": True}
     assert session.examSummary()["lung_rads"]["category"] in ("1", "2", "3", "4A", "4B")
+
+
+def test_compare_with_the_prior_in_the_scene(scene, detector, tmp_path):
+    """Issue 26 in the Logic: the current candidates compared with the prior's; results on the segments, the prior's
+    review offered (not applied), the prior position of a matched nodule, resolved ones listed."""
+    import SimpleITK as sitk
+    from followup import move_and_reslice
+
+    moved, _ = move_and_reslice(sitk.ReadImage(str(SAMPLE_CT)), 4.0, (6.0, -4.0, 3.0), (0.8, 0.8, 2.0))
+    sitk.WriteImage(moved, str(tmp_path / "current.nrrd"), useCompression=True)
+    prior_volume, logic, prior_seg = _detected(scene, detector, threshold=None)
+    logic.setCandidateStatus(prior_seg, logic.candidateSegmentIds(prior_seg)[0], "accepted")
+    current_volume = load_volume(scene, tmp_path / "current.nrrd", "current")
+    current_seg = logic.detect(current_volume, device="cpu").segmentationNode
+    report = logic.compareWithPrior(current_seg, prior_seg, intervalDays=365)
+    assert report["registration"]["lung_mask_dice"] > 0.9 and report["prior_volume"] == prior_volume.GetName()
+    top = logic.candidateSegmentIds(current_seg)[0]
+    follow = logic.followUp(current_seg, top)
+    assert follow["status"] == "matched" and follow["growth"] == "stable" and follow["prior_status"] == "accepted"
+    assert logic.candidateStatus(current_seg, top) == "pending"  # the prior's review is offered, not applied
+    assert follow["prior_segment_id"] == logic.candidateSegmentIds(prior_seg)[0]
+    assert logic.priorPosition(current_seg, top) is not None
+    assert isinstance(logic.resolvedNodules(current_seg), list)
+    session = ReviewSession(logic)
+    session.setSegmentation(current_seg)
+    assert session.rows()[0].followup.startswith("matched") and "(prior: accepted)" in session.rows()[0].followup
+    session.select(top)
+    assert session.priorPosition() == logic.priorPosition(current_seg, top)
+    with pytest.raises(ValueError, match="another one than the current"):
+        session.compareWithPrior(current_seg, 365)

@@ -11,6 +11,9 @@ MODULE = REPO / "LungNoduleAI"
 
 # Widget class each name must have, by how LungNoduleAI.py uses it.
 EXPECTED_CLASSES = {
+    "priorSegmentationSelector": "qMRMLNodeComboBox",
+    "intervalSpinBox": "QSpinBox",
+    "compareButton": "QPushButton",
     "readerTypeComboBox": "QComboBox",
     "spiculatedCheckBox": "QCheckBox",
     "upperLobeCheckBox": "QCheckBox",

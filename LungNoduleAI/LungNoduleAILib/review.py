@@ -38,6 +38,7 @@ __all__ = [
     "TAG_LUNG_RADS",
     "TAG_BROCK",
     "TAG_ZONE",
+    "TAG_FOLLOWUP",
     "TAG_READER_TYPE",
     "TAG_READER_SPICULATED",
     "TAG_READER_UPPER_LOBE",
@@ -93,6 +94,8 @@ TAG_LUNG_RADS = "LungNoduleAI.LungRADS"
 TAG_BROCK = "LungNoduleAI.BrockRisk"
 TAG_ZONE = "LungNoduleAI.Location"
 """The candidate's side and zone as detected, e.g. ``left upper``."""
+TAG_FOLLOWUP = "LungNoduleAI.FollowUp"
+"""What the last comparison with a prior scan says of the segment (JSON: status, prior segment, change, VDT, growth...)."""
 TAG_READER_TYPE = "LungNoduleAI.ReaderType"
 TAG_READER_SPICULATED = "LungNoduleAI.ReaderSpiculated"
 TAG_READER_UPPER_LOBE = "LungNoduleAI.ReaderUpperLobe"
@@ -127,6 +130,7 @@ KNOWN_TAGS = (
     TAG_LUNG_RADS,
     TAG_BROCK,
     TAG_ZONE,
+    TAG_FOLLOWUP,
     TAG_READER_TYPE,
     TAG_READER_SPICULATED,
     TAG_READER_UPPER_LOBE,

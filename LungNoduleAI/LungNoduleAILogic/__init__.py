@@ -34,6 +34,7 @@ from LungNoduleAILib.writers import mask_sha1, read_probability
 
 from .exporting import ExportMixin
 from .findings import FindingsMixin
+from .followup import FollowUpMixin
 from .names import (  # noqa: F401  (re-exported: the names the module has always offered)
     ATTR_DICOM_INSTANCES,
     ATTR_EXAM,
@@ -86,7 +87,7 @@ def _segmentationsLogic():
     return slicer.vtkSlicerSegmentationsModuleLogic
 
 
-class LungNoduleAILogic(ExportMixin, FindingsMixin):
+class LungNoduleAILogic(ExportMixin, FindingsMixin, FollowUpMixin):
     """Detection, review and export on MRML nodes.
 
     Args:

@@ -16,7 +16,7 @@ from LungNoduleAILib.review import ACCEPTED, PENDING, REJECTED, REVIEW_STATUSES,
 
 from .names import ATTR_THRESHOLD, REF_PROBABILITY, REF_VOLUME
 
-__all__ = ["ReviewSession", "CandidateRow", "PanelUpdate", "exportFolderName"]
+__all__ = ["ReviewSession", "CandidateRow", "PanelUpdate", "exportFolderName", "followUpText"]
 
 RETHRESHOLD_DELAY_MS = 600
 """How long the threshold must rest before candidates are re-derived (a slider drag re-derives once, at its end)."""
@@ -37,6 +37,7 @@ class CandidateRow:
     solid_diameter_mm: str = ""
     lung_rads: str = ""
     brock_risk: str = ""
+    followup: str = ""
 
 
 @dataclass
@@ -54,6 +55,23 @@ class PanelUpdate:
     stage: str | None = None
     deviceText: str | None = None
     finished: bool = False
+
+
+def followUpText(follow: dict) -> str:
+    """One table cell for a candidate's comparison with the prior, e.g. ``matched +52 % grown, VDT 610 d (prior: accepted)``."""
+    if not follow:
+        return ""
+    parts = [follow["status"]]
+    if follow.get("volume_change_pct") is not None:
+        parts.append(f"{follow['volume_change_pct']:+.0f} %")
+    if follow.get("growth"):
+        parts.append(follow["growth"])
+    text = " ".join(parts)
+    if follow.get("vdt_days") is not None:
+        text += f", VDT {follow['vdt_days']:.0f} d"
+    if follow.get("prior_status"):
+        text += f" (prior: {follow['prior_status']})"
+    return text
 
 
 def exportFolderName(volumeName: str, now: datetime.datetime | None = None) -> str:
@@ -96,6 +114,7 @@ class ReviewSession:
         for sid in self.logic.candidateSegmentIds(seg):
             m = self.logic.segmentMeasurements(segmentation.GetSegment(sid))
             status = self.logic.candidateStatus(seg, sid)
+            followup = followUpText(self.logic.followUp(seg, sid))
             rows.append(
                 CandidateRow(
                     sid,
@@ -109,6 +128,7 @@ class ReviewSession:
                     m["solid_diameter_mm"],
                     m["lung_rads"],
                     m["brock_risk"],
+                    followup,
                 )  # fmt: skip
             )
         return rows
@@ -200,6 +220,24 @@ class ReviewSession:
         if self.segmentationNode is None or self.selectedId is None:
             return {}
         return reader_overrides(self.logic.segmentTags(self.segmentationNode.GetSegmentation().GetSegment(self.selectedId)))
+
+    def compareWithPrior(self, priorSegmentationNode, intervalDays: float | None) -> dict:
+        """Compare the shown candidates with a prior segmentation (and its CT).
+
+        Raises:
+            ValueError: nothing shown, no prior chosen, the prior is the shown segmentation, or a CT is missing.
+        """
+        if self.segmentationNode is None:
+            raise ValueError("Select the nodule segmentation of the current scan first.")
+        if priorSegmentationNode is None or priorSegmentationNode is self.segmentationNode:
+            raise ValueError("Choose the prior scan's segmentation (another one than the current).")
+        return self.logic.compareWithPrior(self.segmentationNode, priorSegmentationNode, intervalDays=intervalDays or None)
+
+    def priorPosition(self) -> list[float] | None:
+        """Where the selected candidate's match lies in the prior CT (RAS mm), ``None`` when unmatched or nothing selected."""
+        if self.segmentationNode is None or self.selectedId is None:
+            return None
+        return self.logic.priorPosition(self.segmentationNode, self.selectedId)
 
     def examSummary(self) -> dict:
         """The exam's category (with the candidate driving it), emphysema and the patient's inputs with their sources."""
