@@ -45,3 +45,18 @@ def move_and_reslice(ct: sitk.Image, angle_deg: float, shift_mm: Sequence[float]
     ref.SetOrigin(ct.GetOrigin())
     ref.SetDirection(ct.GetDirection())
     return sitk.Resample(ct, ref, rigid, sitk.sitkLinear, -1000.0, sitk.sitkInt16), rigid
+
+
+def erase_nodule(ct: sitk.Image, center_lps: Sequence[float], radius_mm: float, seed: int = 0) -> sitk.Image:
+    """``ct`` with the tissue within ``1.3 x radius`` of the centre replaced by lung (-850 HU with CT-like noise), blended in:
+    the nodule is gone (a "resolved" nodule on the follow-up)."""
+    arr = sitk.GetArrayFromImage(ct).astype(np.float32)
+    ijk = np.indices(arr.shape)[::-1].reshape(3, -1).T.astype(np.float64)
+    m = np.asarray(ct.GetDirection()).reshape(3, 3) * np.asarray(ct.GetSpacing())
+    dist = np.linalg.norm(np.asarray(ct.GetOrigin()) + ijk @ m.T - np.asarray(center_lps), axis=1).reshape(arr.shape)
+    inner, outer = 1.3 * radius_mm, 1.6 * radius_mm
+    w = np.clip((outer - dist) / (outer - inner), 0.0, 1.0)
+    lung = -850.0 + np.random.default_rng(seed).normal(0.0, 30.0, arr.shape)
+    out = sitk.GetImageFromArray(np.round(w * lung + (1 - w) * arr).astype(np.int16))
+    out.CopyInformation(ct)
+    return out

@@ -135,3 +135,18 @@ def test_followup_lung_rads(status, growth, kind, mean_d, solid_d, expected):
     from LungNoduleAILib.compare import followup_lung_rads
 
     assert followup_lung_rads(status, growth, kind, mean_d, solid_d) == expected
+
+
+def test_a_nodule_gone_on_the_follow_up_is_resolved(tmp_path):
+    """The sample's nodule replaced by lung: the prior's nodule is resolved, nothing matched to it, the resolved entry keeps a tracking UID."""
+    from followup import erase_nodule
+
+    from LungNoduleAILib.cli import main
+
+    ct = sitk.ReadImage(str(SAMPLE_CT))
+    sitk.WriteImage(erase_nodule(ct, LIDC0001_NODULE_LPS, 23.35 / 2), str(tmp_path / "gone.nrrd"), useCompression=True)
+    assert main(["compare", str(SAMPLE_CT), str(tmp_path / "gone.nrrd"), "-o", str(tmp_path / "out"), "--device", "cpu", "--interval-days", "180"]) == 0
+    report = json.loads((tmp_path / "out" / "gone_comparison.json").read_text())
+    near = [n for n in report["nodules"] if n["prior"] and np.linalg.norm(np.subtract(n["prior"]["center_lps_mm"], LIDC0001_NODULE_LPS)) < 10]
+    assert len(near) == 1 and near[0]["status"] == "resolved" and near[0]["current"] is None and near[0]["tracking_uid"].startswith("2.25.")
+    assert near[0]["lung_rads"] is None and near[0]["vdt_days"] is None

@@ -3,8 +3,8 @@
     .venv/bin/python Testing/Scripts/make_followup.py --scan ../shared/data/scans/LIDC-IDRI-0001.nii.gz --nodule 56.2,86.3,-115.9 --diameter 23.35 -o followups
 
 Writes, next to the scan's own detection: ``moved`` (rotated 4 degrees, shifted 6/-4/3 mm, resliced to
-0.8 x 0.8 x 2 mm) and ``grown`` (the nodule's tissue scaled by 1.15 about its centre: volume x 1.52,
-then moved and resliced the same way), runs ``compare`` of the scan against each with both detections
+0.8 x 0.8 x 2 mm), ``grown`` (the nodule's tissue scaled by 1.15 about its centre: volume x 1.52,
+then moved and resliced the same way) and ``gone`` (the nodule replaced by lung, moved and resliced), runs ``compare`` of the scan against each with both detections
 given (--prior-results/--current-results) and an interval of 365 days, and prints matching, volume ratio,
 VDT against the truth and the seconds ``compare`` took.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from followup import grow_nodule, move_and_reslice  # noqa: E402
+from followup import erase_nodule, grow_nodule, move_and_reslice  # noqa: E402
 
 from LungNoduleAILib.cli import main as cli  # noqa: E402
 
@@ -38,7 +38,11 @@ def main(argv=None) -> int:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     ct = sitk.ReadImage(args.scan)
-    cases = {"moved": (ct, 1.0), "grown": (grow_nodule(ct, centre, args.diameter / 2, args.factor), args.factor)}
+    cases = {
+        "moved": (ct, 1.0),
+        "grown": (grow_nodule(ct, centre, args.diameter / 2, args.factor), args.factor),
+        "gone": (erase_nodule(ct, centre, args.diameter / 2), 0.0),  # the nodule replaced by lung: resolved
+    }
     assert cli(["detect", args.scan, "-o", str(out / "prior"), "--overwrite"]) == 0
     for name, (image, factor) in cases.items():
         moved, _ = move_and_reslice(image, 4.0, (6.0, -4.0, 3.0), (0.8, 0.8, 2.0))
