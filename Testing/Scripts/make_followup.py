@@ -4,7 +4,8 @@
 
 Writes, next to the scan's own detection: ``moved`` (rotated 4 degrees, shifted 6/-4/3 mm, resliced to
 0.8 x 0.8 x 2 mm), ``grown`` (the nodule's tissue scaled by 1.15 about its centre: volume x 1.52,
-then moved and resliced the same way) and ``gone`` (the nodule replaced by lung, moved and resliced), runs ``compare`` of the scan against each with both detections
+then moved and resliced the same way) and ``gone`` (the nodule replaced by lung, moved and resliced),
+runs ``compare`` of the scan against each with both detections
 given (--prior-results/--current-results) and an interval of 365 days, and prints matching, volume ratio,
 VDT against the truth and the seconds ``compare`` took.
 """
