@@ -207,15 +207,14 @@ class _NodeFront(ReviewFront):
     """The candidates of a segmentation node, as :func:`LungNoduleAILib.export.export_segments` takes them."""
 
     noun = "candidate"
-    pendingHint = "Review them, or export with includePending=True."
+    pending_hint = "Review them, or export with includePending=True."
+    overwrite_hint = "Choose another folder or allow overwriting."
 
     def __init__(self, logic, segmentationNode, volumeNode):
         self.logic, self.segmentationNode, self.volumeNode = logic, segmentationNode, volumeNode
         self.where = f"'{segmentationNode.GetName()}'"
         self.ct_label = f"volume '{volumeNode.GetName()}'"
-        self.pending_hint = self.pendingHint
-        self.overwrite_hint = "Choose another folder or allow overwriting."
-        self.source, self.dicomSource = None, None
+        self.source, self.dicomSource = None, None  # set by exportReviewed once the volume's DICOM series is known
         segmentation = segmentationNode.GetSegmentation()
         self.ids = logic.candidateSegmentIds(segmentationNode)
         self.segments = []
