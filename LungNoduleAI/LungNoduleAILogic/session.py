@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from LungNoduleAILib.review import ACCEPTED, PENDING, REJECTED, REVIEW_STATUSES, UNRESOLVED_STATUSES
+from LungNoduleAILib.review import ACCEPTED, PENDING, REJECTED, REVIEW_STATUSES, TAG_DETECTED, UNRESOLVED_STATUSES
 
 from .names import ATTR_THRESHOLD, REF_PROBABILITY, REF_VOLUME
 
@@ -199,12 +199,11 @@ class ReviewSession:
         if seg is None:
             return []
         changed = []
+        segmentation = seg.GetSegmentation()
         for sid in self.logic.candidateSegmentIds(seg):
-            if not self.logic.isEdited(seg, sid):
-                continue
-            fingerprint = self.logic.segmentFingerprint(seg, sid)
-            if self._measured.get(sid) == fingerprint:
-                continue
+            fingerprint = self.logic.segmentFingerprint(seg, sid)  # the voxels are read once per candidate
+            if fingerprint == self.logic.segmentTag(segmentation.GetSegment(sid), TAG_DETECTED) or self._measured.get(sid) == fingerprint:
+                continue  # as detected (not edited), or already measured as it is
             try:
                 self.logic.remeasureCandidate(seg, sid)
             except ValueError:  # edited into emptiness: nothing to measure; the export refuses it with a message
